@@ -1,0 +1,52 @@
+"""Configuration of one TTT layer (`ttt.TTTLayer`)."""
+
+import dataclasses
+from typing import Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class TTTLayerConfig:
+    """A TTT sequence mixer: fast weights trained on the sequence while it is read.
+
+    Attributes:
+      hidden_size: model width D; split into `num_heads` heads of `hidden_size // num_heads`.
+      num_heads: number of TTT heads, each with its own fast weights.
+      inner: inner model, `"linear"` (TTT-Linear) or `"mlp"` (TTT-MLP, GELU, 4x hidden).
+      mini_batch_size: tokens per inner gradient step (b).
+      backbone: `"mamba"`: shared q/k projection, causal depthwise convolution before q and k,
+        GELU output gate (Sun et al. 2024); `"transformer"`: separate q/k projections, no
+        convolution, no gate.
+      base_lr: inner learning rate scale; eta = base_lr * sigmoid(x . theta_h + beta_h) / head_dim.
+      conv_kernel: width of the causal depthwise convolution (mamba backbone only).
+      rope_theta: RoPE base; positions are taken relative to the mini-batch.
+      form: how full sequences are computed, `"dual"` (closed form) or `"primal"` (autodiff).
+      remat_group_size: mini-batches per rematerialised group in the scan (memory vs recompute).
+    """
+
+    hidden_size: int
+    num_heads: int
+    inner: Literal["linear", "mlp"] = "linear"
+    mini_batch_size: int = 16
+    backbone: Literal["mamba", "transformer"] = "mamba"
+    base_lr: float = 1.0
+    conv_kernel: int = 4
+    rope_theta: float = 10000.0
+    form: Literal["dual", "primal"] = "dual"
+    remat_group_size: int = 4
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.inner not in ("linear", "mlp"):
+            raise ValueError(f"inner={self.inner!r}; expected 'linear' or 'mlp'")
+        if self.backbone not in ("mamba", "transformer"):
+            raise ValueError(f"backbone={self.backbone!r}; expected 'mamba' or 'transformer'")
+        if self.form not in ("dual", "primal"):
+            raise ValueError(f"form={self.form!r}; expected 'dual' or 'primal'")
+        for name in ("mini_batch_size", "conv_kernel", "remat_group_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; expected >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads

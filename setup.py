@@ -1,0 +1,31 @@
+"""Installs the ttt namespace: ttt (TTT math and layer), ttt.models, ttt.train, ttt.configs."""
+
+from setuptools import setup
+
+setup(
+    name="ttt",
+    version="0.1.0",
+    description="JAX-native test-time-training language models",
+    python_requires=">=3.11",
+    packages=["ttt", "ttt.models", "ttt.train", "ttt.configs"],
+    package_dir={
+        "ttt": "ttt",
+        "ttt.models": "models",
+        "ttt.train": "train",
+        "ttt.configs": "configs",
+    },
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax",
+        "orbax-checkpoint",
+        "chex",
+        "tensorflow-datasets",
+        "grain",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+    },
+)
