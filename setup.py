@@ -24,8 +24,20 @@ setup(
         "grain",
         "numpy",
         "tqdm",
+        "tyro",
+        "matplotlib",
+        "tokenizers",
+        "sentencepiece",
     ],
+    entry_points={
+        "console_scripts": [
+            "ttt-info=ttt.models.info:main",
+            "ttt-train=ttt.train.cli:train_main",
+            "ttt-eval=ttt.train.cli:eval_main",
+            "ttt-generate=ttt.train.cli:generate_main",
+        ],
+    },
     extras_require={
-        "test": ["pytest", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        "test": ["pytest", "nbclient", "nbformat", "ipykernel"],
     },
 )
