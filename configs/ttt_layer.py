@@ -21,6 +21,8 @@ class TTTLayerConfig:
       rope_theta: RoPE base; positions are taken relative to the mini-batch.
       form: how full sequences are computed, `"dual"` (closed form) or `"primal"` (autodiff).
       remat_group_size: mini-batches per rematerialised group in the scan (memory vs recompute).
+      dtype: compute dtype of the projections (the inner loop always runs in float32).
+      param_dtype: storage dtype of the parameters.
     """
 
     hidden_size: int
@@ -33,6 +35,8 @@ class TTTLayerConfig:
     rope_theta: float = 10000.0
     form: Literal["dual", "primal"] = "dual"
     remat_group_size: int = 4
+    dtype: str = "float32"
+    param_dtype: str = "float32"
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
