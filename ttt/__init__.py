@@ -1,1 +1,9 @@
-"""ttt"""
+"""ttt: test-time-training layers in JAX.
+
+`ttt.ops` holds the pure inner-loop functions (primal, dual and step forms); `ttt.TTTLayer` is the
+Flax NNX sequence mixer built on them.
+"""
+
+from ttt import ops
+
+__all__ = ["ops"]

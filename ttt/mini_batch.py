@@ -1,0 +1,86 @@
+"""Cutting a sequence into mini-batches, and the inner-optimizer coefficients of each.
+
+Mini-batch GD with per-token learning rate eta_j and per-position scale s_i (DESIGN section 3):
+the weights seen by position i of a mini-batch are
+
+  theta_i = theta_n - sum_j coeff[i, j] * grad l(theta_n; k_j, v_j),   coeff[i, j] = s_i * eta_j * [j <= i]
+
+and the next mini-batch starts from the weights of its last real token L:
+
+  theta_{n+1} = theta_n - sum_j update[j] * grad l(theta_n; k_j, v_j),  update[j] = s_L * eta_j.
+
+A sequence that is not a multiple of the mini-batch size is padded with tokens whose eta is zero:
+they change no weights and, by causality, no earlier output, so the partial last mini-batch is
+exact; `update` uses the scale of its last real token, not of the padded end.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def num_mini_batches(seq_len: int, mini_batch_size: int, group_size: int) -> tuple[int, int]:
+    """(mini-batches holding real tokens, mini-batches after padding to whole remat groups)."""
+    real = math.ceil(seq_len / mini_batch_size)
+    group = min(group_size, real)
+    return real, math.ceil(real / group) * group
+
+
+def split(x: jax.Array, mini_batch_size: int, num_padded: int) -> jax.Array:
+    """[batch, heads, seq, *rest] -> [num_padded, batch, heads, mini_batch_size, *rest], zero padded."""
+    batch, heads, seq_len, *rest = x.shape
+    pad = num_padded * mini_batch_size - seq_len
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * len(rest))
+    x = x.reshape(batch, heads, num_padded, mini_batch_size, *rest)
+    return jnp.moveaxis(x, 2, 0)
+
+
+def merge(x: jax.Array, seq_len: int) -> jax.Array:
+    """[num_mini_batches, batch, heads, mini_batch_size, *rest] -> [batch, heads, seq_len, *rest]."""
+    num, batch, heads, size, *rest = x.shape
+    x = jnp.moveaxis(x, 0, 2).reshape(batch, heads, num * size, *rest)
+    return x[:, :, :seq_len]
+
+
+def coefficients(eta: jax.Array, token_scale: jax.Array, seq_len: int) -> tuple[jax.Array, jax.Array]:
+    """Inner-optimizer coefficients of every mini-batch.
+
+    Args:
+      eta: [num, batch, heads, b] per-token learning rates, zero on padding.
+      token_scale: [b] per-position scale s_i.
+      seq_len: number of real tokens.
+    Returns:
+      coeff: [num, batch, heads, b, b], coeff[..., i, j] = s_i * eta_j for j <= i, else 0.
+      update: [num, batch, heads, b], s_L * eta_j with L the last real position of the mini-batch.
+    """
+    num, _, _, size = eta.shape
+    causal = np.tril(np.ones((size, size), np.float32))
+    coeff = token_scale[:, None] * causal * eta[..., None, :]
+    last_real = np.clip(seq_len - size * np.arange(num), 1, size) - 1
+    update = token_scale[last_real][:, None, None, None] * eta
+    return coeff, update
+
+
+def default_token_scale(mini_batch_size: int) -> jax.Array:
+    """s_i = 1 / i for positions i = 1..b."""
+    return 1.0 / jnp.arange(1, mini_batch_size + 1, dtype=jnp.float32)
+
+
+def remat_scan(body, carry, xs, group_size: int):
+    """`lax.scan(body, carry, xs)` in groups of `group_size` steps, each group rematerialised.
+
+    Only the carry at group boundaries is kept for the backward pass, so the memory of the
+    fast-weight trajectory falls by `group_size` for one extra forward through each group.
+    The leading axis of every leaf of `xs` must be a multiple of `group_size`.
+    """
+    num = jax.tree.leaves(xs)[0].shape[0]
+    grouped = jax.tree.map(lambda x: x.reshape(num // group_size, group_size, *x.shape[1:]), xs)
+
+    @jax.checkpoint
+    def run_group(carry, group):
+        return jax.lax.scan(body, carry, group)
+
+    carry, ys = jax.lax.scan(run_group, carry, grouped)
+    return carry, jax.tree.map(lambda y: y.reshape(num, *y.shape[2:]), ys)

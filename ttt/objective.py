@@ -1,0 +1,24 @@
+"""The reconstruction objective of TTT-Linear / TTT-MLP (DESIGN section 3).
+
+  f(x; theta) = x + LN(g(x; theta))                        (layer output)
+  l(theta; k, v) = 1/2 || LN(g(k; theta)) - (v - k) ||^2   (inner loss)
+
+LN has outer (learned, not test-time-trained) scale and shift; passing None for both drops it.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from ttt.inner_models import InnerModel, Params
+from ttt.layer_norm import layer_norm
+
+
+def inner_loss(model: InnerModel, params: Params, k, v, ln_weight, ln_bias) -> jax.Array:
+    """Inner loss of one token for one head. `k, v: [d]`; `ln_weight, ln_bias: [d]` or None."""
+    error = layer_norm(model.apply(params, k), ln_weight, ln_bias) - (v - k)
+    return 0.5 * jnp.sum(error * error)
+
+
+def output(model: InnerModel, params: Params, q, ln_weight, ln_bias) -> jax.Array:
+    """Layer output f(q; params) for one head. `q: [..., d]`."""
+    return q + layer_norm(model.apply(params, q), ln_weight, ln_bias)

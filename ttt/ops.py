@@ -1,0 +1,154 @@
+"""Public entry points of the TTT inner loop: pure functions, no module state.
+
+Every function computes DESIGN section 3 exactly, for any sequence length (a partial last
+mini-batch included), in float32 whatever the input dtype, and is jit-able (keyword arguments
+static), vmap-able and differentiable with respect to every array argument.
+
+Shapes (B batch, H heads, T seq, d head_dim, b mini_batch_size):
+  q, k, v: [B, H, T, d]        eta: [B, H, T]        token_scale: [b] (default 1/i)
+  ln_weight, ln_bias: [H, d], or both None for no LayerNorm (f(x) = x + g(x))
+  linear params: {"W": [B, H, d, d], "b": [B, H, d]}
+  MLP params: {"W1": [B, H, d, 4d], "b1": [B, H, 4d], "W2": [B, H, 4d, d], "b2": [B, H, d]}
+The step functions take one token: q, k, v: [B, H, d], eta: [B, H].
+"""
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from ttt import dual, mini_batch, primal
+from ttt import step as step_form
+from ttt.inner_models import LINEAR, MLP, InnerModel
+from ttt.layer_norm import layer_norm
+
+Form = Literal["dual", "primal"]
+_DUAL_BODIES = {LINEAR.name: dual.make_linear_body, MLP.name: dual.make_mlp_body}
+
+
+def ttt_linear(q, k, v, eta, params, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
+               form: Form = "dual", remat_group_size: int = 4):
+    """TTT-Linear over a sequence: `z_t = q_t + LN(q_t W_t + b_t)`.
+
+    Returns:
+      z: [B, H, T, d] in the dtype of q.
+      final_params: float32 fast weights after the last token, same structure as `params`.
+    """
+    return _sequence(LINEAR, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size)
+
+
+def ttt_mlp(q, k, v, eta, params, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
+            form: Form = "dual", remat_group_size: int = 4):
+    """TTT-MLP over a sequence: `z_t = q_t + LN(gelu(q_t W1_t + b1_t) W2_t + b2_t)`. Returns (z, final_params)."""
+    return _sequence(MLP, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size)
+
+
+def init_decode_state(params):
+    """Decode state before any token: `{"params", "grad_sum", "position"}` from fast weights `[B, H, ...]`."""
+    return step_form.init_state(params)
+
+
+def ttt_linear_step(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None):
+    """One token of TTT-Linear. `q, k, v: [B, H, d]`, `eta: [B, H]`. Returns (z [B, H, d], state)."""
+    return _step(LINEAR, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale)
+
+
+def ttt_mlp_step(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None):
+    """One token of TTT-MLP. `q, k, v: [B, H, d]`, `eta: [B, H]`. Returns (z [B, H, d], state)."""
+    return _step(MLP, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale)
+
+
+def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size):
+    _check_positive("mini_batch_size", mini_batch_size)
+    _check_positive("remat_group_size", remat_group_size)
+    if form not in ("dual", "primal"):
+        raise ValueError(f"form={form!r}; expected 'dual' or 'primal'")
+    _check_float_shape("q", q, None, ndim=4)
+    batch, heads, seq_len, head_dim = q.shape
+    _check_float_shape("k", k, q.shape)
+    _check_float_shape("v", v, q.shape)
+    _check_float_shape("eta", eta, (batch, heads, seq_len))
+    _check_params(model, params, batch, heads, head_dim)
+    ln_weight, ln_bias = _layer_norm_params(ln_weight, ln_bias, heads, head_dim)
+    token_scale = _token_scale(token_scale, mini_batch_size)
+    if seq_len < 1:
+        raise ValueError(f"q has seq length 0 (shape {q.shape}); expected at least one token")
+
+    q32, k32, v32, eta32 = (jnp.asarray(x, jnp.float32) for x in (q, k, v, eta))
+    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    real, padded = mini_batch.num_mini_batches(seq_len, mini_batch_size, remat_group_size)
+    q_mb, k_mb, v_mb = (mini_batch.split(x, mini_batch_size, padded) for x in (q32, k32, v32))
+    coeff, update = mini_batch.coefficients(mini_batch.split(eta32, mini_batch_size, padded), token_scale, seq_len)
+
+    if form == "dual":
+        xs = dual.prepare(q_mb, k_mb, v_mb, coeff, update)
+        head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
+        body = _DUAL_BODIES[model.name](*head_ln)
+    else:
+        xs = primal.prepare(q_mb, k_mb, v_mb, coeff, update)
+        body = primal.make_body(model, ln_weight, ln_bias)
+    final_params, inner_out = mini_batch.remat_scan(body, params, xs, min(remat_group_size, real))
+
+    inner_out = mini_batch.merge(inner_out, seq_len)
+    head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
+    z = q32 + layer_norm(inner_out, *head_ln)
+    return z.astype(q.dtype), final_params
+
+
+def _step(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale):
+    _check_positive("mini_batch_size", mini_batch_size)
+    _check_float_shape("q", q, None, ndim=3)
+    batch, heads, head_dim = q.shape
+    _check_float_shape("k", k, q.shape)
+    _check_float_shape("v", v, q.shape)
+    _check_float_shape("eta", eta, (batch, heads))
+    if not isinstance(state, dict) or set(state) != {"params", "grad_sum", "position"}:
+        raise ValueError("state must be the dict returned by init_decode_state or a step function")
+    _check_params(model, state["params"], batch, heads, head_dim)
+    ln_weight, ln_bias = _layer_norm_params(ln_weight, ln_bias, heads, head_dim)
+    token_scale = _token_scale(token_scale, mini_batch_size)
+    q32, k32, v32, eta32 = (jnp.asarray(x, jnp.float32) for x in (q, k, v, eta))
+    z, state = step_form.step(model, q32, k32, v32, eta32, state, ln_weight, ln_bias,
+                              mini_batch_size=mini_batch_size, token_scale=token_scale)
+    return z.astype(q.dtype), state
+
+
+def _check_positive(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r}; expected an int >= 1")
+
+
+def _check_float_shape(name, x, shape, ndim=None):
+    x_shape = jnp.shape(x)
+    if ndim is not None and len(x_shape) != ndim:
+        raise ValueError(f"{name} has shape {x_shape}; expected {ndim} dimensions")
+    if shape is not None and tuple(x_shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {x_shape}; expected {tuple(shape)}")
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(f"{name} has dtype {jnp.result_type(x)}; expected a floating dtype")
+
+
+def _check_params(model: InnerModel, params, batch, heads, head_dim):
+    expected = {name: (batch, heads, *shape) for name, shape in model.param_shapes(head_dim).items()}
+    if not isinstance(params, dict) or set(params) != set(expected):
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"{model.name} params must have keys {sorted(expected)}; got {got}")
+    for name, shape in expected.items():
+        _check_float_shape(f"params[{name!r}]", params[name], shape)
+
+
+def _layer_norm_params(ln_weight, ln_bias, heads, head_dim):
+    if (ln_weight is None) != (ln_bias is None):
+        raise ValueError("ln_weight and ln_bias must both be arrays or both be None")
+    if ln_weight is None:
+        return None, None
+    _check_float_shape("ln_weight", ln_weight, (heads, head_dim))
+    _check_float_shape("ln_bias", ln_bias, (heads, head_dim))
+    return jnp.asarray(ln_weight, jnp.float32), jnp.asarray(ln_bias, jnp.float32)
+
+
+def _token_scale(token_scale, mini_batch_size):
+    if token_scale is None:
+        return mini_batch.default_token_scale(mini_batch_size)
+    _check_float_shape("token_scale", token_scale, (mini_batch_size,))
+    return jnp.asarray(token_scale, jnp.float32)

@@ -1,0 +1,49 @@
+"""Step form: one token at a time with O(1) state, for decoding.
+
+The state holds the weights at the start of the current mini-batch, the eta-weighted sum of the
+inner gradients of the mini-batch so far, and the position inside it; the weights a token sees
+are `params - s_i * grad_sum` (DESIGN section 3), whatever the length of the context.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from ttt.inner_models import InnerModel
+from ttt.objective import inner_loss, output
+
+
+def init_state(params):
+    """Decode state before any token, from fast weights `{name: [batch, heads, ...]}`."""
+    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    return {
+        "params": params,
+        "grad_sum": jax.tree.map(jnp.zeros_like, params),
+        "position": jnp.zeros((), jnp.int32),
+    }
+
+
+def _per_batch_and_head(fn):
+    """vmap a per-head function over [batch, heads]; the trailing two arguments (LN) are per head."""
+    per_head = jax.vmap(fn, in_axes=(0, 0, 0, 0, 0))
+    return jax.vmap(per_head, in_axes=(0, 0, 0, None, None))
+
+
+def step(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size, token_scale):
+    """One token of mini-batch GD. `q, k, v: [batch, heads, d]`, `eta: [batch, heads]`, all float32."""
+    grad = _per_batch_and_head(lambda p, k, v, w, b: jax.grad(inner_loss, argnums=1)(model, p, k, v, w, b))
+    out = _per_batch_and_head(lambda p, q, _, w, b: output(model, p, q, w, b))
+
+    params, position = state["params"], state["position"]
+    grads = grad(params, k, v, ln_weight, ln_bias)
+    grad_sum = jax.tree.map(lambda s, g: s + eta.reshape(eta.shape + (1,) * (g.ndim - 2)) * g, state["grad_sum"], grads)
+    token_params = jax.tree.map(lambda p, s: p - token_scale[position] * s, params, grad_sum)
+    z = out(token_params, q, q, ln_weight, ln_bias)
+
+    # At the end of a mini-batch its last weights become the start of the next one.
+    boundary = position + 1 == mini_batch_size
+    new_state = {
+        "params": jax.tree.map(lambda t, p: jnp.where(boundary, t, p), token_params, params),
+        "grad_sum": jax.tree.map(lambda s: jnp.where(boundary, jnp.zeros_like(s), s), grad_sum),
+        "position": (position + 1) % mini_batch_size,
+    }
+    return z, new_state
