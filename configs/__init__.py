@@ -1,5 +1,7 @@
 """Named configurations: frozen dataclasses, plain data imported by every other package."""
 
+from ttt.configs.model import ModelConfig
+from ttt.configs.presets import get, names
 from ttt.configs.ttt_layer import TTTLayerConfig
 
-__all__ = ["TTTLayerConfig"]
+__all__ = ["ModelConfig", "TTTLayerConfig", "get", "names"]

@@ -1,0 +1,155 @@
+"""Configuration of a language model (`ttt.models.LM`): sizes, the per-layer mixer pattern, dtypes."""
+
+import dataclasses
+from typing import Literal
+
+from ttt.configs.ttt_layer import TTTLayerConfig
+
+MIXERS = ("attention", "swa", "ttt_linear", "ttt_mlp")
+TTT_MIXERS = {"ttt_linear": "linear", "ttt_mlp": "mlp"}
+# Inner learning-rate scales of Sun et al. 2024 (TTT-Linear 1.0, TTT-MLP 0.1).
+DEFAULT_TTT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
+REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable", "dots_with_no_batch_dims_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only LM: embeddings, `num_layers` pre-norm residual blocks, final RMSNorm, logits.
+
+    Each block is `x + mixer(norm(x))` then `x + swiglu(norm(x))`; the mixer of layer i is
+    `mixers[i]`, the comma-separated `layer_pattern` repeated to the depth.
+
+    Attributes:
+      vocab_size: number of token ids.
+      hidden_size: model width D.
+      num_layers: number of blocks; a multiple of the pattern length (layers are stacked and
+        scanned one pattern repetition at a time).
+      num_heads: attention heads, and TTT heads of the TTT mixers.
+      num_kv_heads: key/value heads of attention (grouped-query attention); None means num_heads.
+      mlp_hidden_size: hidden width of the SwiGLU MLP.
+      layer_pattern: comma-separated mixers out of `attention` (full causal), `swa` (sliding
+        window), `ttt_linear`, `ttt_mlp`, e.g. `"swa,swa,swa,ttt_mlp"`.
+      sliding_window: keys seen by a `swa` query, itself included (required when the pattern has `swa`).
+      max_seq_len: length of the preallocated KV cache of full-attention layers (the most tokens a
+        model with `attention` layers can decode); TTT and `swa` layers have no such limit.
+      tie_embeddings: logits use the transposed input embedding instead of a separate head.
+      mini_batch_size: TTT mini-batch size b.
+      backbone: TTT layer backbone, `"mamba"` (convolution + output gate) or `"transformer"`.
+      ttt_linear_base_lr: inner learning-rate scale of TTT-Linear layers.
+      ttt_mlp_base_lr: inner learning-rate scale of TTT-MLP layers.
+      ttt_form: how TTT layers compute full sequences, `"dual"` or `"primal"`.
+      ttt_remat_group_size: TTT mini-batches per rematerialised group in the inner scan.
+      conv_kernel: width of the causal convolution of the mamba backbone.
+      rope_theta: RoPE base of attention (and of the TTT layers).
+      qk_norm: RMSNorm over head_dim on attention queries and keys.
+      norm_eps: epsilon of every RMSNorm.
+      init_std: standard deviation of the normal initialiser of embeddings and projections.
+      loss_chunk_size: sequence positions per chunk of the float32 cross-entropy in `LM.loss`.
+      dtype: compute dtype (`"float32"`, `"bfloat16"`); norms, softmax and the loss run in float32.
+      param_dtype: storage dtype of the parameters.
+      remat: rematerialisation of each scanned group of blocks in the training forward: False or
+        "none", True or "full" (save nothing), or a `jax.checkpoint_policies` name.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    mlp_hidden_size: int
+    num_kv_heads: int | None = None
+    layer_pattern: str = "attention"
+    sliding_window: int | None = None
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    mini_batch_size: int = 16
+    backbone: Literal["mamba", "transformer"] = "mamba"
+    ttt_linear_base_lr: float = DEFAULT_TTT_BASE_LR["linear"]
+    ttt_mlp_base_lr: float = DEFAULT_TTT_BASE_LR["mlp"]
+    ttt_form: Literal["dual", "primal"] = "dual"
+    ttt_remat_group_size: int = 4
+    conv_kernel: int = 4
+    rope_theta: float = 10000.0
+    qk_norm: bool = False
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    loss_chunk_size: int = 1024
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool | str = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_hidden_size",
+                     "max_seq_len", "mini_batch_size", "loss_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}; expected >= 1")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        pattern = self.pattern
+        unknown = [m for m in pattern if m not in MIXERS]
+        if unknown or not pattern:
+            raise ValueError(f"layer_pattern={self.layer_pattern!r} has unknown mixers {unknown}; expected "
+                             f"comma-separated names out of {MIXERS}")
+        if self.num_layers % len(pattern):
+            raise ValueError(f"num_layers={self.num_layers} is not a multiple of the {len(pattern)} layers of "
+                             f"layer_pattern={self.layer_pattern!r}")
+        if "swa" in pattern and (self.sliding_window is None or self.sliding_window < 1):
+            raise ValueError(f"sliding_window={self.sliding_window} with layer_pattern={self.layer_pattern!r}; "
+                             "a positive window is required for 'swa' layers")
+        if self.backbone not in ("mamba", "transformer"):
+            raise ValueError(f"backbone={self.backbone!r}; expected 'mamba' or 'transformer'")
+        if self.remat_policy_name not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; expected a bool or one of {REMAT_POLICIES}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of attention layers (num_kv_heads, defaulting to num_heads)."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def pattern(self) -> tuple[str, ...]:
+        """The mixers of one pattern repetition, e.g. ("swa", "swa", "swa", "ttt_mlp")."""
+        return tuple(name.strip() for name in self.layer_pattern.split(","))
+
+    @property
+    def num_groups(self) -> int:
+        """Repetitions of the pattern; each repetition is one step of the layer scan."""
+        return self.num_layers // len(self.pattern)
+
+    @property
+    def mixers(self) -> tuple[str, ...]:
+        """The mixer of every layer, bottom to top."""
+        return self.pattern * self.num_groups
+
+    @property
+    def remat_policy_name(self) -> str:
+        if self.remat is True:
+            return "full"
+        if self.remat is False:
+            return "none"
+        return self.remat
+
+    def ttt_layer_config(self, mixer: str) -> TTTLayerConfig:
+        """The `TTTLayerConfig` of a `ttt_linear` or `ttt_mlp` layer of this model."""
+        if mixer not in TTT_MIXERS:
+            raise ValueError(f"mixer={mixer!r} is not a TTT mixer; expected one of {tuple(TTT_MIXERS)}")
+        inner = TTT_MIXERS[mixer]
+        return TTTLayerConfig(
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            inner=inner,
+            mini_batch_size=self.mini_batch_size,
+            backbone=self.backbone,
+            base_lr=self.ttt_linear_base_lr if inner == "linear" else self.ttt_mlp_base_lr,
+            conv_kernel=self.conv_kernel,
+            rope_theta=self.rope_theta,
+            form=self.ttt_form,
+            remat_group_size=self.ttt_remat_group_size,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
