@@ -98,7 +98,10 @@ class TrainConfig:
       checkpoint_every: steps between checkpoints (the last step is always saved).
       keep_checkpoints: checkpoints kept on disk (older ones are deleted).
       evaluate: run the evaluation (report + plot + samples) after the last step.
-      tensorboard: also write TensorBoard scalars (needs the `tensorboardX` or `tensorboard` package).
+      tensorboard: also write TensorBoard scalars (needs the `tensorboardX` package).
+      peak_flops_per_device: for the MFU estimate (0: look the device kind up; CPUs have no entry).
+      multihost: call `jax.distributed.initialize()` first (TPU pods, SLURM, or the environment
+        variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
     """
 
     model: ModelConfig
@@ -112,6 +115,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     evaluate: bool = True
     tensorboard: bool = False
+    peak_flops_per_device: float = 0.0
+    multihost: bool = False
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     mesh: MeshConfig = MeshConfig()

@@ -1,0 +1,62 @@
+"""The compiled steps: model creation directly sharded, one training update, per-token evaluation losses."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ttt.configs import ModelConfig
+from ttt.models import LM
+from ttt.train import mesh as mesh_lib
+
+
+def create_model(config: ModelConfig, mesh: Mesh, seed: int) -> LM:
+    """An LM whose parameters are created already sharded by the rules (never whole on one device).
+
+    Call inside `mesh_lib.activate(mesh)`. Raises a clear error first if a mesh size does not divide
+    a parameter dimension.
+    """
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(seed)))
+    mesh_lib.parameter_specs(nnx.state(abstract), mesh)
+    return nnx.jit(lambda: LM(config, rngs=nnx.Rngs(seed)))()
+
+
+def token_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of the `[micro_batches, batch, seq + 1]` tokens of one training step."""
+    return NamedSharding(mesh, PartitionSpec(None, *mesh_lib.logical_to_spec(("batch", "seq"))))
+
+
+@nnx.jit(donate_argnums=(0, 1))
+def train_step(model: LM, optimizer: nnx.Optimizer, tokens: jax.Array) -> dict[str, jax.Array]:
+    """One optimizer update from `tokens` int32 [micro_batches, batch, seq + 1].
+
+    Gradients of the micro-batches are averaged (gradient accumulation) before one update; a
+    non-finite gradient skips the update (optax.apply_if_finite) and `finite` reports it.
+    Returns float32 scalars `loss`, `grad_norm` (before clipping) and bool `finite`.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_of(params, micro_batch):
+        loss, _ = nnx.merge(graphdef, params, rest).loss(micro_batch)
+        return loss
+
+    def accumulate(grad_sum, micro_batch):
+        loss, grads = jax.value_and_grad(loss_of)(params, micro_batch)
+        return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    grad_sum, losses = jax.lax.scan(accumulate, zeros, tokens)
+    grads = jax.tree.map(lambda g, p: (g / tokens.shape[0]).astype(p.dtype), grad_sum, params)
+    loss = losses.mean()
+    grad_norm = optax.global_norm(grads)
+    optimizer.update(model, grads)
+    return {"loss": loss, "grad_norm": grad_norm, "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+
+
+@nnx.jit
+def per_token_losses(model: LM, tokens: jax.Array) -> jax.Array:
+    """tokens int32 [batch, seq] -> float32 [batch, seq - 1], the loss of predicting tokens[:, 1:]."""
+    _, per_token = model.loss(tokens)
+    return per_token
