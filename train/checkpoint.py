@@ -17,6 +17,7 @@ from flax import nnx
 
 from ttt.configs import ModelConfig
 from ttt.configs.train import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
+from ttt.train.step import create_model
 
 CHECKPOINTS = "checkpoints"
 EXPORT_PARAMS = "params"
@@ -141,3 +142,29 @@ def restore_export(model, directory: str) -> None:
     params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), EXPORT_PARAMS),
                                                 _abstract(nnx.state(model, nnx.Param)))
     nnx.update(model, params)
+
+
+def load_trained_model(directory: str, mesh):
+    """Model and config from a run's workdir (its latest checkpoint) or a params-only export, onto `mesh`.
+
+    Call inside `mesh_lib.activate(mesh)`. Returns (model, TrainConfig).
+    """
+    directory = os.path.expanduser(directory)
+    if is_export(directory):
+        config = read_export_config(directory)
+        model = create_model(config.model, mesh, config.seed)
+        restore_export(model, directory)
+        return model, config
+    if os.path.basename(os.path.normpath(directory)) == CHECKPOINTS:
+        directory = os.path.dirname(os.path.normpath(directory))
+    if not os.path.isdir(os.path.join(directory, CHECKPOINTS)):
+        raise ValueError(f"{directory} is neither a training workdir (with a {CHECKPOINTS}/ folder) nor a "
+                         f"params export (with {EXPORT_CONFIG})")
+    checkpointer = Checkpointer(directory, asynchronous=False)
+    if checkpointer.latest_step() is None:
+        raise ValueError(f"{checkpointer.directory} holds no finished checkpoint")
+    config = checkpointer.stored_config()
+    model = create_model(config.model, mesh, config.seed)
+    checkpointer.restore_model(model)
+    checkpointer.close()
+    return model, config

@@ -60,15 +60,20 @@ class TextDocuments(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        held_out = validation_names(self._documents.names, self._validation_fraction)
+        texts = {name: self._documents.read(name) for name in self._documents.names}
+        texts = {name: text for name, text in texts.items() if text is not None}
+        if not texts:
+            raise ValueError(f"{self._documents.description}: none of its {len(self._documents.names)} files is "
+                             f"readable text (UTF-8 without NUL bytes, not blank), e.g. {self._documents.names[0]}")
+        held_out = validation_names(tuple(texts), self._validation_fraction)
         return {
-            "train": self._generate_examples([n for n in self._documents.names if n not in held_out]),
-            "validation": self._generate_examples([n for n in self._documents.names if n in held_out]),
+            "train": self._generate_examples({n: t for n, t in texts.items() if n not in held_out}),
+            "validation": self._generate_examples({n: t for n, t in texts.items() if n in held_out}),
         }
 
-    def _generate_examples(self, names):
-        for name in names:
-            yield name, {"name": name, "text": self._documents.read(name)}
+    def _generate_examples(self, texts: dict[str, str]):
+        for name, text in texts.items():
+            yield name, {"name": name, "text": text}
 
 
 def default_data_dir() -> str:

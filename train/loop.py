@@ -6,7 +6,6 @@ SIGTERM (preemption) saves a checkpoint at the current step and stops cleanly.
 """
 
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -137,7 +136,7 @@ def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, lo
     accumulation = config.optimizer.accumulation_steps
     global_shape = (accumulation, config.batch_size // accumulation, config.data.seq_len + 1)
     sharding = step.token_sharding(mesh)
-    num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    num_params = step.count_parameters(config.model)
     flops_per_token = metrics.training_flops_per_token(config.model, num_params, config.data.seq_len)
     peak = metrics.peak_flops_per_device(config.peak_flops_per_device) * jax.device_count()
     tokens_per_step = config.batch_size * config.data.seq_len

@@ -1,7 +1,8 @@
 """grain pipelines: packed training batches, held-out evaluation rows, the data's unigram entropy.
 
 Document boundaries (the deliberate choice): documents are concatenated, each followed by the
-tokenizer's end-of-document id, and the stream is cut into rows of `seq_len` tokens. Nothing is
+tokenizer's end-of-document id, and the stream is cut into rows of `seq_len + 1` tokens (the model reads the first `seq_len` and
+predicts the last `seq_len`). Nothing is
 masked: the model learns to predict the end of a document and to start afresh after it, which is
 also what it must do when it reads a stream at inference time. Rows therefore may start in the
 middle of a document; evaluation by token position uses separate rows that each start at the
@@ -31,7 +32,7 @@ def _rows(batch) -> np.ndarray:
 
 def training_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
                      shuffle_window: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Endless batches `int32 [batch_size, seq_len]` of this process's share of the documents.
+    """Endless batches `int32 [batch_size, seq_len + 1]` of this process's share of the documents.
 
     Process i reads documents i, i + process_count, ...; each epoch visits them in a new order;
     rows are shuffled within a window so that one batch mixes many documents. `iter()` of the
@@ -42,7 +43,7 @@ def training_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: 
         raise ValueError(f"{len(documents)} training documents cannot be shared by {process_count} processes")
     documents = documents[process_index::process_count].shuffle(seed=seed).repeat()
     tokens = documents.map(_document_tokens(tokenizer)).to_iter_dataset()
-    rows = ConcatThenSplitIterDataset(tokens, length_struct={"tokens": seq_len})
+    rows = ConcatThenSplitIterDataset(tokens, length_struct={"tokens": seq_len + 1})
     rows = WindowShuffleIterDataset(rows, window_size=shuffle_window, seed=seed)
     return rows.batch(batch_size, drop_remainder=True).map(_rows)
 
@@ -66,7 +67,7 @@ def evaluation_rows(source, tokenizer: Tokenizer, length: int, max_documents: in
         tokens[row, :len(ids)] = ids
         mask[row, :len(ids)] = True
         total_bytes += len(tokenizer.decode(ids).encode("utf-8"))
-    return tokens, mask, total_bytes / mask.sum()
+    return tokens, mask, float(total_bytes / mask.sum())
 
 
 def unigram_entropy(source, tokenizer: Tokenizer, max_tokens: int = 20_000_000) -> dict:

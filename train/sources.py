@@ -23,13 +23,13 @@ class DocumentSource:
     Attributes:
       description: what the source is, for messages.
       names: one stable name per document (a relative path, a book title).
-      read: name -> the document's text.
+      read: name -> the document's text, or None when it is not readable text.
       fingerprint: changes whenever the documents may have changed (paths, sizes, times).
     """
 
     description: str
     names: tuple[str, ...]
-    read: Callable[[str], str]
+    read: Callable[[str], str | None]
     fingerprint: str
 
 
@@ -51,22 +51,20 @@ def _fingerprint(*parts) -> str:
 
 
 def _file_source(description: str, root: str, paths: list[str]) -> DocumentSource:
-    """Documents from files, named by their path relative to `root`; unreadable files are skipped."""
+    """Documents from files, named by their path relative to `root`.
+
+    Files that turn out not to be readable text read as None (the dataset builder skips them);
+    only their sizes and times are looked at here, so opening a big source stays cheap.
+    """
     if not paths:
         raise ValueError(f"{description}: no files found")
-    readable = {}
-    for path in sorted(paths):
-        text = _read_text_file(path)
-        if text is not None:
-            readable[os.path.relpath(path, root)] = (path, os.path.getsize(path), os.path.getmtime(path))
-    if not readable:
-        raise ValueError(f"{description}: none of its {len(paths)} files is readable text (UTF-8 without NUL bytes, "
-                         f"not blank), e.g. {sorted(paths)[0]}")
+    files = {os.path.relpath(path, root): path for path in sorted(paths)}
+    stats = {name: (os.path.getsize(path), os.path.getmtime(path)) for name, path in files.items()}
 
-    def read(name: str) -> str:
-        return _read_text_file(readable[name][0])
+    def read(name: str) -> str | None:
+        return _read_text_file(files[name])
 
-    return DocumentSource(description, tuple(readable), read, _fingerprint(description, readable))
+    return DocumentSource(description, tuple(files), read, _fingerprint(description, stats))
 
 
 def _pystdlib() -> DocumentSource:

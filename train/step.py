@@ -1,5 +1,7 @@
 """The compiled steps: model creation directly sharded, one training update, per-token evaluation losses."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -11,15 +13,23 @@ from ttt.models import LM
 from ttt.train import mesh as mesh_lib
 
 
+def abstract_model(config: ModelConfig) -> LM:
+    """The LM's structure, shapes and logical axis names, without computing or placing any array."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
+
+
+def count_parameters(config: ModelConfig) -> int:
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(abstract_model(config), nnx.Param)))
+
+
 def create_model(config: ModelConfig, mesh: Mesh, seed: int) -> LM:
     """An LM whose parameters are created already sharded by the rules (never whole on one device).
 
     Call inside `mesh_lib.activate(mesh)`. Raises a clear error first if a mesh size does not divide
     a parameter dimension.
     """
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(seed)))
-    mesh_lib.parameter_specs(nnx.state(abstract), mesh)
+    mesh_lib.parameter_specs(nnx.state(abstract_model(config)), mesh)
     return nnx.jit(lambda: LM(config, rngs=nnx.Rngs(seed)))()
 
 
