@@ -5,5 +5,6 @@ Flax NNX sequence mixer built on them.
 """
 
 from ttt import ops
+from ttt.layer import TTTLayer
 
-__all__ = ["ops"]
+__all__ = ["TTTLayer", "ops"]

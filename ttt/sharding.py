@@ -7,7 +7,19 @@ same model runs unsharded in tests and notebooks.
 """
 
 import jax
+from flax import nnx
 from flax.core import spmd
+
+
+def partitioned(initializer, logical_axes: tuple[str | None, ...]):
+    """`initializer` whose parameter carries the logical axis names `logical_axes`.
+
+    Under a mesh (`jax.set_mesh`) the parameter is created already sharded (eager sharding, with
+    the logical axis rules in force); without one (tests, notebooks) it is created unsharded with
+    the same names, since eager sharding needs a mesh.
+    """
+    eager = not jax.sharding.get_abstract_mesh().empty
+    return nnx.with_partitioning(initializer, logical_axes, eager_sharding=eager)
 
 
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:

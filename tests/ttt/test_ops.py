@@ -13,7 +13,8 @@ from ttt.inner_models import LINEAR, MLP
 
 BATCH, HEADS, HEAD_DIM = 2, 2, 8
 MODELS = {"linear": LINEAR, "mlp": MLP}
-SEQUENCE_FNS = {"linear": ops.ttt_linear, "mlp": ops.ttt_mlp}
+_STATIC = ("mini_batch_size", "form", "remat_group_size")
+SEQUENCE_FNS = {"linear": jax.jit(ops.ttt_linear, static_argnames=_STATIC), "mlp": jax.jit(ops.ttt_mlp, static_argnames=_STATIC)}
 STEP_FNS = {"linear": ops.ttt_linear_step, "mlp": ops.ttt_mlp_step}
 
 
@@ -181,7 +182,7 @@ def test_outer_gradients_match_finite_differences_of_reference(kind, form):
 def test_jit_and_vmap_match_eager():
     inputs = make_inputs("mlp", 13)
     eager, eager_final = ops.ttt_mlp(*inputs, mini_batch_size=4)
-    jitted, _ = jax.jit(functools.partial(ops.ttt_mlp, mini_batch_size=4))(*inputs)
+    jitted, _ = SEQUENCE_FNS["mlp"](*inputs, mini_batch_size=4)
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
 
     # vmap over a leading ensemble axis of every input == a Python loop over it.
