@@ -1,5 +1,6 @@
 """The compiled steps: model creation directly sharded, one training update, per-token evaluation losses."""
 
+import functools
 import math
 
 import jax
@@ -30,7 +31,13 @@ def create_model(config: ModelConfig, mesh: Mesh, seed: int) -> LM:
     a parameter dimension.
     """
     mesh_lib.parameter_specs(nnx.state(abstract_model(config)), mesh)
-    return nnx.jit(lambda: LM(config, rngs=nnx.Rngs(seed)))()
+    return _initialize(config, seed)
+
+
+# Module-level, so that a model of the same config and seed on the same mesh is compiled once.
+@functools.partial(nnx.jit, static_argnums=(0, 1))
+def _initialize(config: ModelConfig, seed: int) -> LM:
+    return LM(config, rngs=nnx.Rngs(seed))
 
 
 def token_sharding(mesh: Mesh) -> NamedSharding:
@@ -60,7 +67,7 @@ def train_step(model: LM, optimizer: nnx.Optimizer, tokens: jax.Array) -> dict[s
     grad_sum, losses = jax.lax.scan(accumulate, zeros, tokens)
     grads = jax.tree.map(lambda g, p: (g / tokens.shape[0]).astype(p.dtype), grad_sum, params)
     loss = losses.mean()
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
     return {"loss": loss, "grad_norm": grad_norm, "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
 

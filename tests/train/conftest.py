@@ -1,0 +1,28 @@
+"""Shared fixtures of the training tests: a micro model, a small real-text dataset, a run config."""
+
+import dataclasses
+
+import pytest
+
+from ttt import configs
+from ttt.configs.train import DataConfig, OptimizerConfig, TrainConfig
+
+# Small enough to compile and train in seconds; 4 heads so that tensor=2 and tensor=4 divide them.
+MICRO_MODEL = dataclasses.replace(configs.get("transformer-tiny"), hidden_size=32, num_heads=4, num_layers=2,
+                                  mlp_hidden_size=64, max_seq_len=256)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Where the session's datasets are built (once)."""
+    return str(tmp_path_factory.mktemp("datasets"))
+
+
+@pytest.fixture
+def run_config(data_dir, tmp_path) -> TrainConfig:
+    """A few steps of the micro model on 40 standard-library files, 8-way data parallel."""
+    return TrainConfig(model=MICRO_MODEL, config_name="micro", workdir=str(tmp_path / "run"), steps=4, batch_size=8,
+                       log_every=1, checkpoint_every=2, evaluate=False,
+                       data=DataConfig(source="pystdlib", max_documents=40, seq_len=32, shuffle_window=64,
+                                       data_dir=data_dir, validation_fraction=0.2),
+                       optimizer=OptimizerConfig(warmup_steps=2))
