@@ -4,18 +4,7 @@ import jax
 from flax import nnx
 
 from ttt.configs import ModelConfig
-from ttt.sharding import constrain
-
-
-def partitioned(initializer, logical_axes: tuple[str | None, ...]):
-    """`initializer` whose parameter carries the logical axis names `logical_axes`.
-
-    Under a mesh (`jax.set_mesh`) the parameter is created already sharded (eager sharding, with
-    the logical axis rules in force); without one (tests, notebooks) it is created unsharded with
-    the same names, since eager sharding needs a mesh.
-    """
-    eager = not jax.sharding.get_abstract_mesh().empty
-    return nnx.with_partitioning(initializer, logical_axes, eager_sharding=eager)
+from ttt.sharding import constrain, partitioned
 
 
 def normal_init(config: ModelConfig, logical_axes: tuple[str | None, ...]):

@@ -1,0 +1,111 @@
+"""Presets: names, lookup errors, and parameter counts of every preset from its abstract model."""
+
+import dataclasses
+import math
+
+import pytest
+from flax import nnx
+
+import ttt
+from ttt import configs
+from ttt.models import info
+from ttt.models.attention import Attention
+from ttt.models.layers import SwiGLU
+
+PAPER_SIZES = {"125m": (12, 768, 12), "350m": (24, 1024, 16), "760m": (24, 1536, 16), "1.3b": (24, 2048, 32)}
+TINY = ["transformer-tiny", "ttt-linear-tiny", "ttt-mlp-tiny", "hybrid-tiny"]
+
+
+def abstract_count(make) -> int:
+    params = nnx.state(nnx.eval_shape(make), nnx.Param)
+    return sum(math.prod(variable.shape) for _, variable in nnx.to_flat_state(params))
+
+
+def transformer_count(config) -> int:
+    """Llama-style decoder from the formula: tied embedding, per layer q/k/v/o + SwiGLU + 2 RMSNorms, final norm."""
+    width, head_dim = config.hidden_size, config.head_dim
+    attention = width * head_dim * (2 * config.num_heads + 2 * config.kv_heads)
+    per_layer = attention + 3 * width * config.mlp_hidden_size + 2 * width
+    return config.vocab_size * width + config.num_layers * per_layer + width
+
+
+def test_preset_names():
+    expected = {f"{family}-{size}" for family in ("transformer", "ttt-linear", "ttt-mlp", "hybrid-swa-ttt")
+                for size in PAPER_SIZES} | set(TINY)
+    assert expected <= set(configs.names())
+    assert configs.names() == sorted(configs.names())
+
+
+@pytest.mark.parametrize("size", PAPER_SIZES)
+def test_paper_sizes_are_exact(size):
+    for family in ("transformer", "ttt-linear", "ttt-mlp", "hybrid-swa-ttt"):
+        config = configs.get(f"{family}-{size}")
+        assert (config.num_layers, config.hidden_size, config.num_heads) == PAPER_SIZES[size]
+        assert config.vocab_size == 32000 and config.tie_embeddings
+    assert configs.get(f"ttt-linear-{size}").backbone == "mamba"
+    assert configs.get(f"ttt-linear-transformer-backbone-{size}").backbone == "transformer"
+    assert configs.get(f"ttt-mlp-{size}").ttt_layer_config("ttt_mlp").base_lr == 0.1
+    assert configs.get(f"ttt-linear-{size}").ttt_layer_config("ttt_linear").base_lr == 1.0
+
+
+@pytest.mark.parametrize("name", [name for name in configs.names() if name.startswith("transformer")])
+def test_transformer_parameter_count_matches_the_formula(name):
+    config = configs.get(name)
+    assert info.count_parameters(config) == transformer_count(config)
+
+
+def test_125m_transformer_is_about_110m():
+    assert 109e6 < info.count_parameters(configs.get("transformer-125m")) < 110e6
+
+
+@pytest.mark.parametrize("name", configs.names())
+def test_every_preset_counts_as_the_sum_of_its_layers(name):
+    """Built abstractly (nnx.eval_shape): the LM count equals embedding + each layer's mixer, MLP and
+    norms counted on standalone modules + final norm."""
+    config = configs.get(name)
+    mixer_counts = {
+        "attention": lambda: Attention(config, window=None, rngs=nnx.Rngs(0)),
+        "swa": lambda: Attention(config, window=config.sliding_window, rngs=nnx.Rngs(0)),
+        "ttt_linear": lambda: ttt.TTTLayer(config.ttt_layer_config("ttt_linear"), rngs=nnx.Rngs(0)),
+        "ttt_mlp": lambda: ttt.TTTLayer(config.ttt_layer_config("ttt_mlp"), rngs=nnx.Rngs(0)),
+    }
+    mlp = abstract_count(lambda: SwiGLU(config, rngs=nnx.Rngs(0)))
+    layers = sum(abstract_count(mixer_counts[mixer]) + mlp + 2 * config.hidden_size for mixer in config.mixers)
+    count = info.count_parameters(config)
+    assert count == config.vocab_size * config.hidden_size + layers + config.hidden_size
+    if name in TINY:
+        assert count < 5_000_000
+
+
+def test_untied_override():
+    config = configs.get("transformer-tiny", tie_embeddings=False, dtype="bfloat16")
+    assert not config.tie_embeddings and config.dtype == "bfloat16"
+    assert info.count_parameters(config) == transformer_count(config) + config.vocab_size * config.hidden_size
+
+
+def test_unknown_preset_is_rejected():
+    with pytest.raises(ValueError, match="unknown model preset 'ttt-linear-7b'"):
+        configs.get("ttt-linear-7b")
+
+
+def test_bad_override_is_rejected():
+    with pytest.raises(ValueError, match="layer_pattern='ttt_linear,gru'"):
+        configs.get("hybrid-tiny", layer_pattern="ttt_linear,gru")
+    with pytest.raises(TypeError):
+        configs.get("hybrid-tiny", num_experts=8)
+
+
+def test_ttt_info_prints_count_and_pattern(capsys):
+    info.main(["--config", "hybrid-tiny"])
+    out = capsys.readouterr().out
+    assert f"{info.count_parameters(configs.get('hybrid-tiny')):,}" in out
+    assert "ttt_linear,swa" in out
+    with pytest.raises(SystemExit):
+        info.main(["--config", "nope"])
+
+
+def test_config_is_hashable_and_frozen():
+    config = configs.get("ttt-mlp-tiny")
+    assert hash(config) == hash(dataclasses.replace(config))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.hidden_size = 1
