@@ -96,12 +96,14 @@ class _StopOnSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: TrainConfig, *, progress: bool | None = None) -> Run:
+def train(config: TrainConfig, *, progress: bool | None = None, stop_after: int | None = None) -> Run:
     """Train (or resume) the run described by `config`; returns the final state and losses.
 
     Args:
       config: the run.
       progress: show a tqdm bar on process 0; None means only when stderr is a terminal.
+      stop_after: save and stop after this step, as a preemption would (the schedule still spans
+        `config.steps`); rerunning resumes.
     """
     if config.optimizer.ttt_inner_lr_warmup_steps:
         raise ValueError("optimizer.ttt_inner_lr_warmup_steps needs a runtime inner learning-rate scale in the TTT "
@@ -117,7 +119,7 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> Run:
         sources["train"], tokenizer, seq_len=config.data.seq_len, batch_size=local_batch, seed=config.data.seed,
         shuffle_window=config.data.shuffle_window, process_index=jax.process_index(),
         process_count=jax.process_count())
-    data_iterator = iter(batches)
+    data_iterator = pipeline.CheckpointableIterator(batches)
     checkpointer = checkpoint_lib.Checkpointer(config.workdir, keep=config.keep_checkpoints)
     with mesh_lib.activate(mesh):
         model = step.create_model(config.model, mesh, config.seed)
@@ -126,12 +128,13 @@ def train(config: TrainConfig, *, progress: bool | None = None) -> Run:
         if checkpointer.latest_step() is not None:
             checkpoint_lib.check_compatible(checkpointer.stored_config(), config, checkpointer.directory)
             start = checkpointer.restore(model, optimizer, data_iterator)
-        run = _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, local_batch, progress)
+        run = _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, local_batch, progress,
+                    min(stop_after or config.steps, config.steps))
     checkpointer.close()
     return dataclasses.replace(run, data=builder)
 
 
-def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, local_batch, progress) -> Run:
+def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, local_batch, progress, last) -> Run:
     is_main = jax.process_index() == 0
     accumulation = config.optimizer.accumulation_steps
     global_shape = (accumulation, config.batch_size // accumulation, config.data.seq_len + 1)
@@ -146,7 +149,7 @@ def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, lo
     losses, skipped_in_a_row, done = {}, 0, start
     window_start, window_steps = None, 0
     with _StopOnSignal() as stop:
-        for current in range(start + 1, config.steps + 1):
+        for current in range(start + 1, last + 1):
             local = next(data_iterator).reshape(accumulation, local_batch // accumulation, -1)
             tokens = jax.make_array_from_process_local_data(sharding, local, global_shape)
             result = jax.device_get(step.train_step(model, optimizer, tokens))
@@ -166,7 +169,7 @@ def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, lo
                                          f"{current}: the run diverged (lower --optimizer.learning-rate?)")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-            if current % config.log_every == 0 or current == config.steps:
+            if current % config.log_every == 0 or current == last:
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_steps * tokens_per_step / elapsed if window_steps else float("nan")
                 record = {"loss": loss, "grad_norm": float(result["grad_norm"]), "tokens_per_s": tokens_per_s,
@@ -174,7 +177,7 @@ def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, lo
                 if peak:
                     record["mfu"] = record["model_flops_per_s"] / peak
                 writer.write(current, record)
-            if current % config.checkpoint_every == 0 or current == config.steps or stop.received:
+            if current % config.checkpoint_every == 0 or current == last or stop.received:
                 checkpointer.save(current, model, optimizer, data_iterator, config)
             if stop.received:
                 tqdm.write(f"SIGTERM: saved a checkpoint at step {current} in {checkpointer.directory}; stopping")

@@ -9,6 +9,7 @@ middle of a document; evaluation by token position uses separate rows that each 
 beginning of a held-out document.
 """
 
+import json
 import math
 
 import grain
@@ -46,6 +47,39 @@ def training_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: 
     rows = ConcatThenSplitIterDataset(tokens, length_struct={"tokens": seq_len + 1})
     rows = WindowShuffleIterDataset(rows, window_size=shuffle_window, seed=seed)
     return rows.batch(batch_size, drop_remainder=True).map(_rows)
+
+
+class CheckpointableIterator:
+    """A grain iterator whose state is JSON bytes, for `grain.checkpoint.CheckpointSave/Restore`.
+
+    grain 0.2.18's concat-then-split state holds tuples that its own JSON checkpoints turn into
+    lists, and a restored list never equals the tuple marking "no remainder", so a restored
+    iterator would skip ahead. The tuples are put back here before the state is set.
+    """
+
+    def __init__(self, dataset: grain.IterDataset):
+        self._iterator = iter(dataset)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self._iterator)
+
+    def get_state(self) -> bytes:
+        return json.dumps(self._iterator.get_state()).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._iterator.set_state(json.loads(state, object_hook=_remainder_slices_as_tuples))
+
+    def start_prefetch(self) -> None:
+        """Called by grain's checkpoint handler after a restore; nothing is prefetched here."""
+
+
+def _remainder_slices_as_tuples(mapping: dict) -> dict:
+    if "remainder_slices" in mapping:
+        mapping["remainder_slices"] = {name: tuple(span) for name, span in mapping["remainder_slices"].items()}
+    return mapping
 
 
 def evaluation_rows(source, tokenizer: Tokenizer, length: int, max_documents: int = 0):

@@ -73,15 +73,16 @@ def test_each_process_reads_its_own_documents(splits):
     assert seen[0] | seen[1] == texts
 
 
-def test_training_iterator_resumes_exactly_from_its_state(splits):
+def test_training_iterator_resumes_exactly_from_its_json_state(splits):
     batches = pipeline.training_batches(splits["train"], ByteTokenizer(), seq_len=15, batch_size=2, seed=0,
                                         shuffle_window=8)
-    iterator = iter(batches)
+    iterator = pipeline.CheckpointableIterator(batches)
     for _ in range(5):
         next(iterator)
     state = iterator.get_state()
+    assert isinstance(state, bytes)  # JSON, as stored in checkpoints
     expected = [next(iterator) for _ in range(6)]
-    resumed = iter(batches)
+    resumed = pipeline.CheckpointableIterator(batches)
     resumed.set_state(state)
     np.testing.assert_array_equal(np.stack([next(resumed) for _ in range(6)]), np.stack(expected))
 

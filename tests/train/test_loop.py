@@ -1,0 +1,94 @@
+"""The training loop: exact resume, restore onto another mesh, incompatible checkpoints, the NaN guard."""
+
+import dataclasses
+import hashlib
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.train.conftest import MICRO_MODEL
+from ttt.configs.train import MeshConfig, OptimizerConfig
+from ttt.train import checkpoint as checkpoint_lib
+from ttt.train import loop
+from ttt.train import mesh as mesh_lib
+from ttt.train.optim import make_optimizer
+from ttt.train.step import create_model, token_sharding, train_step
+
+
+def _params(model) -> dict:
+    return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _files(directory: str) -> dict[str, str]:
+    digests = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                digests[os.path.relpath(os.path.join(root, name), directory)] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
+def test_resume_continues_the_identical_loss_trajectory(run_config, tmp_path):
+    straight = loop.train(dataclasses.replace(run_config, steps=6, workdir=str(tmp_path / "straight")))
+    split = dataclasses.replace(run_config, steps=6, workdir=str(tmp_path / "split"))
+    first = loop.train(split, stop_after=3)
+    second = loop.train(split)
+    assert sorted(straight.losses) == list(range(1, 7))
+    assert sorted(second.losses) == [4, 5, 6]
+    assert {**first.losses, **second.losses} == straight.losses  # bit-identical, data order included
+    for path, value in _params(straight.model).items():
+        np.testing.assert_array_equal(_params(second.model)[path], value)
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A 2-step run on the default mesh (8-way data parallel)."""
+    from tests.train.conftest import run_config as make_config
+
+    config = make_config.__wrapped__(data_dir, tmp_path_factory.mktemp("trained"))
+    return loop.train(dataclasses.replace(config, steps=2))
+
+
+def test_restore_onto_a_different_mesh_and_from_a_params_export(trained, tmp_path):
+    expected = _params(trained.model)
+    export = checkpoint_lib.export_params(trained.model, trained.config, str(tmp_path / "export"))
+    mesh = mesh_lib.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    for source in (trained.config.workdir, export):
+        with mesh_lib.activate(mesh):
+            model, config = checkpoint_lib.load_trained_model(source, mesh)
+        assert config == trained.config
+        assert model.embed.embedding.get_value().sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+        restored = _params(model)
+        assert restored.keys() == expected.keys()
+        for path, value in expected.items():
+            np.testing.assert_array_equal(restored[path], value)
+
+
+def test_checkpoint_from_an_incompatible_config_is_a_clear_error_and_is_kept(trained):
+    before = _files(trained.config.workdir)
+    wider = dataclasses.replace(trained.config, steps=4, model=dataclasses.replace(MICRO_MODEL, hidden_size=64))
+    with pytest.raises(ValueError, match=r"incompatible config \(model.hidden_size: stored 32, requested 64"):
+        loop.train(wider)
+    assert _files(trained.config.workdir) == before
+
+
+def test_non_finite_gradients_skip_the_update_and_are_reported():
+    mesh = mesh_lib.make_mesh(MeshConfig())
+    tokens = np.random.default_rng(0).integers(0, MICRO_MODEL.vocab_size, (1, 8, 17), dtype=np.int32)
+    with mesh_lib.activate(mesh):
+        model = create_model(MICRO_MODEL, mesh, seed=0)
+        optimizer = nnx.Optimizer(model, make_optimizer(OptimizerConfig(warmup_steps=0), 10), wrt=nnx.Param)
+        model.final_norm.scale[...] = model.final_norm.scale[...].at[0].set(np.nan)
+        before = _params(model)
+        metrics = jax.device_get(train_step(model, optimizer, jax.device_put(tokens, token_sharding(mesh))))
+        after = _params(model)
+        assert not metrics["finite"] and np.isnan(metrics["loss"])
+        for path, value in before.items():
+            np.testing.assert_array_equal(after[path], value)
+        model.final_norm.scale[...] = model.final_norm.scale[...].at[0].set(1.0)
+        metrics = jax.device_get(train_step(model, optimizer, jax.device_put(tokens, token_sharding(mesh))))
+        assert metrics["finite"]
+        assert any(not np.array_equal(after[path], value) for path, value in _params(model).items())
