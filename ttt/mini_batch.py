@@ -78,9 +78,10 @@ def remat_scan(body, carry, xs, group_size: int):
     num = jax.tree.leaves(xs)[0].shape[0]
     grouped = jax.tree.map(lambda x: x.reshape(num // group_size, group_size, *x.shape[1:]), xs)
 
-    @jax.checkpoint
     def run_group(carry, group):
         return jax.lax.scan(body, carry, group)
 
-    carry, ys = jax.lax.scan(run_group, carry, grouped)
+    # Inside a scan, common-subexpression elimination cannot merge the recomputation with the
+    # forward, so the barrier that prevent_cse adds would only cost speed.
+    carry, ys = jax.lax.scan(jax.checkpoint(run_group, prevent_cse=False), carry, grouped)
     return carry, jax.tree.map(lambda y: y.reshape(num, *y.shape[2:]), ys)

@@ -1,0 +1,184 @@
+"""Forward and forward+backward time of TTT-Linear / TTT-MLP against causal softmax attention.
+
+Two levels, each at batch 1, hidden 768, 12 heads (head_dim 64), mini-batch 16, float32:
+  op:    the sequence mixer alone: ttt.ops.ttt_linear / ttt_mlp (dual and primal) on q, k, v, eta
+         vs jax.nn.dot_product_attention(is_causal=True) on q, k, v.
+  layer: ttt.TTTLayer (mamba backbone: q/k, v, gate and output projections) vs an attention layer
+         with the same four projections around dot_product_attention.
+GFLOP/s use analytic FLOP counts (XLA's cost analysis counts a scan body once) and are printed
+next to a plain 2048^3 float32 matmul measured in the same run. Times are medians of --repeats
+runs after one compiling run.
+
+  python benchmarks/ttt_layer.py                      # seq 512..8192, prints a table, writes JSON
+  python benchmarks/ttt_layer.py --seqs 512 1024 --repeats 3 --out /tmp/quick.json
+"""
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import ttt
+from ttt import ops
+from ttt.configs import TTTLayerConfig
+
+HIDDEN, HEADS, MINI_BATCH = 768, 12, 16
+HEAD_DIM = HIDDEN // HEADS
+
+
+def median_seconds(fn, *args, repeats):
+    jax.block_until_ready(fn(*args))  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def with_backward(fn, argnums):
+    """fn -> a function computing fn's output and the gradient of sum(output) w.r.t. `argnums`."""
+    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a)), argnums=argnums))
+
+
+# -- FLOPs (multiply-add = 2), per forward pass -------------------------------------------
+
+def inner_flops(inner, seq):
+    """The TTT dual form: per token and head, linear 6d^2 + 4bd, MLP 56d^2 + 20bd matmul FLOPs."""
+    d, b = HEAD_DIM, MINI_BATCH
+    per_token = 6 * d * d + 4 * b * d if inner == "linear" else 56 * d * d + 20 * b * d
+    return HEADS * seq * per_token
+
+
+def attention_flops(seq):
+    """Causal softmax attention: q.k^T and p.v over the lower triangle."""
+    return 2 * HEADS * seq * seq * HEAD_DIM
+
+
+def projection_flops(seq):
+    """Four [hidden, hidden] projections."""
+    return 4 * 2 * seq * HIDDEN * HIDDEN
+
+
+# -- the measured functions -----------------------------------------------------------------
+
+def op_inputs(seq, inner):
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(keys[i], (1, HEADS, seq, HEAD_DIM)) for i in range(3))
+    eta = jnp.full((1, HEADS, seq), 1.0 / HEAD_DIM)
+    model = ttt.inner_models.LINEAR if inner == "linear" else ttt.inner_models.MLP
+    params = jax.vmap(lambda key: model.init(key, HEAD_DIM))(jax.random.split(keys[3], HEADS))
+    params = jax.tree.map(lambda p: p[None], params)
+    return q, k, v, eta, params, jnp.ones((HEADS, HEAD_DIM)), jnp.zeros((HEADS, HEAD_DIM))
+
+
+def ttt_op(inner, form):
+    fn = ops.ttt_linear if inner == "linear" else ops.ttt_mlp
+    return lambda *a: fn(*a, mini_batch_size=MINI_BATCH, form=form)[0]
+
+
+def attention_op(q, k, v):
+    """[batch, heads, seq, head_dim] inputs, like the TTT ops."""
+    swap = lambda a: jnp.swapaxes(a, 1, 2)
+    return jax.nn.dot_product_attention(swap(q), swap(k), swap(v), is_causal=True)
+
+
+class AttentionLayer(nnx.Module):
+    """q, k, v and output projections around causal dot_product_attention (the baseline)."""
+
+    def __init__(self, rngs):
+        dense = functools.partial(nnx.LinearGeneral, use_bias=False, rngs=rngs)
+        self.qkv = dense(HIDDEN, (3, HEADS, HEAD_DIM))
+        self.out = dense((HEADS, HEAD_DIM), HIDDEN, axis=(-2, -1))
+
+    def __call__(self, x):
+        q, k, v = jnp.moveaxis(self.qkv(x), 2, 0)
+        return self.out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
+
+
+def layer_fns(layer):
+    graphdef, params = nnx.split(layer)
+    forward = lambda p, x: nnx.merge(graphdef, p)(x)
+    return params, jax.jit(forward), with_backward(forward, (0, 1))
+
+
+def run(seqs, repeats, primal_max_seq):
+    rows = []
+    size = 2048
+    a = jax.random.normal(jax.random.key(1), (size, size))
+    matmul_s = median_seconds(jax.jit(lambda a: a @ a), a, repeats=repeats)
+    matmul_gflops = 2 * size**3 / matmul_s / 1e9
+    print(f"plain {size}^3 float32 matmul: {matmul_gflops:.1f} GFLOP/s")
+
+    for seq in seqs:
+        x = jax.random.normal(jax.random.key(2), (1, seq, HIDDEN))
+        attn_in = op_inputs(seq, "linear")[:3]
+        timings = {
+            ("op", "attention"): (attention_op, attn_in, (0, 1, 2), attention_flops(seq)),
+        }
+        for inner in ("linear", "mlp"):
+            inputs = op_inputs(seq, inner)
+            for form in ("dual", "primal"):
+                if form == "primal" and seq > primal_max_seq:
+                    continue
+                timings[("op", f"ttt_{inner}_{form}")] = (ttt_op(inner, form), inputs, (0, 1, 2, 3, 4), inner_flops(inner, seq))
+        for name, layer in [("attention", AttentionLayer(nnx.Rngs(0)))] + [
+            (f"ttt_{inner}", ttt.TTTLayer(TTTLayerConfig(HIDDEN, HEADS, inner=inner, mini_batch_size=MINI_BATCH), rngs=nnx.Rngs(0)))
+            for inner in ("linear", "mlp")
+        ]:
+            params, forward, backward = layer_fns(layer)
+            mixer = attention_flops(seq) if name == "attention" else inner_flops(name[4:], seq)
+            timings[("layer", name)] = ((forward, backward), (params, x), None, projection_flops(seq) + mixer)
+
+        for (level, name), (fn, args, argnums, flops) in timings.items():
+            forward, backward = fn if argnums is None else (jax.jit(fn), with_backward(fn, argnums))
+            fwd = median_seconds(forward, *args, repeats=repeats)
+            bwd = median_seconds(backward, *args, repeats=repeats)
+            rows.append({"seq": seq, "level": level, "name": name, "forward_s": fwd, "forward_backward_s": bwd,
+                         "forward_gflops": flops / fwd / 1e9})
+            print(f"  seq {seq:5d} {level:5s} {name:18s} fwd {fwd * 1e3:9.2f} ms  fwd+bwd {bwd * 1e3:9.2f} ms  "
+                  f"{flops / fwd / 1e9:7.1f} GFLOP/s", flush=True)
+    return {"matmul_gflops": matmul_gflops, "rows": rows}
+
+
+def print_table(result):
+    rows, peak = result["rows"], result["matmul_gflops"]
+    by = {(r["seq"], r["level"], r["name"]): r for r in rows}
+    print(f"\nratios (attention time / TTT time; > 1: TTT faster); matmul rate {peak:.1f} GFLOP/s")
+    header = f"{'seq':>6} {'level':6} {'mixer':18} {'fwd ms':>9} {'fwd+bwd ms':>11} {'attn/ttt fwd':>13} {'attn/ttt f+b':>13} {'% matmul':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        base = by[(r["seq"], r["level"], "attention")]
+        print(f"{r['seq']:6d} {r['level']:6} {r['name']:18} {r['forward_s'] * 1e3:9.2f} {r['forward_backward_s'] * 1e3:11.2f} "
+              f"{base['forward_s'] / r['forward_s']:13.2f} {base['forward_backward_s'] / r['forward_backward_s']:13.2f} "
+              f"{100 * r['forward_gflops'] / peak:8.1f}%")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--primal-max-seq", type=int, default=1024, help="skip the (slow) primal form above this length")
+    parser.add_argument("--out", default="benchmarks/results/ttt_layer.json")
+    args = parser.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores)")
+    result = run(args.seqs, args.repeats, args.primal_max_seq)
+    print_table(result)
+    result.update(jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(), args=vars(args))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
