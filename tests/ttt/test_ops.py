@@ -179,21 +179,22 @@ def test_outer_gradients_match_finite_differences_of_reference(kind, form):
         assert abs(analytic - numeric) <= 1e-3 * max(abs(numeric), 1.0), (name, analytic, numeric)
 
 
-def test_jit_and_vmap_match_eager():
-    inputs = make_inputs("mlp", 13)
-    eager, eager_final = ops.ttt_mlp(*inputs, mini_batch_size=4)
-    jitted, _ = SEQUENCE_FNS["mlp"](*inputs, mini_batch_size=4)
+def test_jit_matches_eager_and_vmap_matches_a_loop():
+    inputs = make_inputs("linear", 6)
+    eager, eager_final = ops.ttt_linear(*inputs, mini_batch_size=4)
+    jitted, jitted_final = SEQUENCE_FNS["linear"](*inputs, mini_batch_size=4)
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jitted_final["W"], eager_final["W"], rtol=1e-5, atol=1e-6)
 
-    # vmap over a leading ensemble axis of every input == a Python loop over it.
-    other = make_inputs("mlp", 13, seed=1)
-    stacked = jax.tree.map(lambda a, b: np.stack([a, b]), inputs, other)
-    batched, batched_final = jax.vmap(functools.partial(ops.ttt_mlp, mini_batch_size=4))(*stacked)
-    for i, single in enumerate((inputs, other)):
-        z, final = ops.ttt_mlp(*single, mini_batch_size=4)
+    # vmap over a leading ensemble axis of every input == a loop over it.
+    single = [make_inputs("mlp", 13, seed=seed) for seed in (0, 1)]
+    stacked = jax.tree.map(lambda a, b: np.stack([a, b]), *single)
+    batched, batched_final = jax.jit(jax.vmap(functools.partial(ops.ttt_mlp, mini_batch_size=4)))(*stacked)
+    for i, inputs in enumerate(single):
+        z, final = SEQUENCE_FNS["mlp"](*inputs, mini_batch_size=4)
         np.testing.assert_allclose(batched[i], z, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(batched_final["W2"][i], final["W2"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(batched_final["W1"][0], eager_final["W1"], rtol=1e-5, atol=1e-6)
+        for name in final:
+            np.testing.assert_allclose(batched_final[name][i], final[name], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
