@@ -46,7 +46,7 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
                                 f"{', '.join(configs.names())}).")
 
 
-def _console_script(run):
+def _console_script(run, program: str):
     """The entry point of `run(argv)`: returns None (a console script's exit status) and ends user
     errors (bad paths, sizes, configs) with one clear line instead of a traceback."""
 
@@ -54,7 +54,7 @@ def _console_script(run):
         try:
             run(sys.argv[1:] if argv is None else argv)
         except ValueError as error:
-            raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'ttt'}: error: {error}") from error
+            raise SystemExit(f"{program}: error: {error}") from error
 
     main.__doc__ = run.__doc__
     return main
@@ -195,6 +195,6 @@ def run_generate(argv: list[str]) -> str:
     return text
 
 
-train_main = _console_script(run_train)
-eval_main = _console_script(run_eval)
-generate_main = _console_script(run_generate)
+train_main = _console_script(run_train, "ttt-train")
+eval_main = _console_script(run_eval, "ttt-eval")
+generate_main = _console_script(run_generate, "ttt-generate")

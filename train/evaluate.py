@@ -41,7 +41,7 @@ def per_token_losses(model, tokens: np.ndarray, mesh, batch_size: int) -> np.nda
 
 
 def _mean(losses: np.ndarray, mask: np.ndarray) -> float:
-    return float((losses * mask).sum() / max(mask.sum(), 1))
+    return float((losses.astype(np.float64) * mask).sum() / max(mask.sum(), 1))
 
 
 def context_lengths(max_length: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Shared fixtures of the training tests: a micro model, a small real-text dataset, a run config."""
+"""Shared fixtures of the training tests: a micro model, a small real-text dataset, a run config, a trained run."""
 
 import dataclasses
 
@@ -10,6 +10,20 @@ from ttt.configs.train import DataConfig, OptimizerConfig, TrainConfig
 # Small enough to compile and train in seconds; 4 heads so that tensor=2 and tensor=4 divide them.
 MICRO_MODEL = dataclasses.replace(configs.get("transformer-tiny"), hidden_size=32, num_heads=4, num_layers=2,
                                   mlp_hidden_size=64, max_seq_len=256)
+# The same run as command-line overrides of the transformer-tiny preset.
+MICRO_FLAGS = ["--config=transformer-tiny", "--model.hidden-size=32", "--model.num-layers=2",
+               "--model.mlp-hidden-size=64", "--model.max-seq-len=256", "--batch-size=8", "--data.seq-len=32",
+               "--data.max-documents=40", "--data.shuffle-window=64", "--data.validation-fraction=0.2",
+               "--optimizer.warmup-steps=2", "--log-every=1"]
+
+
+def make_run_config(data_dir: str, workdir: str) -> TrainConfig:
+    """A few steps of the micro model on 40 standard-library files, 8-way data parallel."""
+    return TrainConfig(model=MICRO_MODEL, config_name="micro", workdir=workdir, steps=4, batch_size=8,
+                       log_every=1, checkpoint_every=2, evaluate=False,
+                       data=DataConfig(source="pystdlib", max_documents=40, seq_len=32, shuffle_window=64,
+                                       data_dir=data_dir, validation_fraction=0.2),
+                       optimizer=OptimizerConfig(warmup_steps=2))
 
 
 @pytest.fixture(scope="session")
@@ -20,9 +34,13 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture
 def run_config(data_dir, tmp_path) -> TrainConfig:
-    """A few steps of the micro model on 40 standard-library files, 8-way data parallel."""
-    return TrainConfig(model=MICRO_MODEL, config_name="micro", workdir=str(tmp_path / "run"), steps=4, batch_size=8,
-                       log_every=1, checkpoint_every=2, evaluate=False,
-                       data=DataConfig(source="pystdlib", max_documents=40, seq_len=32, shuffle_window=64,
-                                       data_dir=data_dir, validation_fraction=0.2),
-                       optimizer=OptimizerConfig(warmup_steps=2))
+    return make_run_config(data_dir, str(tmp_path / "run"))
+
+
+@pytest.fixture(scope="session")
+def trained(data_dir, tmp_path_factory):
+    """A finished 2-step run on the default mesh (8-way data parallel)."""
+    from ttt.train import loop
+
+    config = make_run_config(data_dir, str(tmp_path_factory.mktemp("trained")))
+    return loop.train(dataclasses.replace(config, steps=2))

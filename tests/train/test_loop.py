@@ -43,15 +43,6 @@ def test_resume_continues_the_identical_loss_trajectory(run_config, tmp_path):
         np.testing.assert_array_equal(_params(second.model)[path], value)
 
 
-@pytest.fixture(scope="module")
-def trained(data_dir, tmp_path_factory):
-    """A 2-step run on the default mesh (8-way data parallel)."""
-    from tests.train.conftest import run_config as make_config
-
-    config = make_config.__wrapped__(data_dir, tmp_path_factory.mktemp("trained"))
-    return loop.train(dataclasses.replace(config, steps=2))
-
-
 def test_restore_onto_a_different_mesh_and_from_a_params_export(trained, tmp_path):
     expected = _params(trained.model)
     export = checkpoint_lib.export_params(trained.model, trained.config, str(tmp_path / "export"))
