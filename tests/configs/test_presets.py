@@ -60,8 +60,8 @@ def test_125m_transformer_is_about_110m():
 
 @pytest.mark.parametrize("name", configs.names())
 def test_every_preset_counts_as_the_sum_of_its_layers(name):
-    """Built abstractly (nnx.eval_shape): the LM count equals embedding + each layer's mixer, MLP and
-    norms counted on standalone modules + final norm."""
+    """`ttt-info` on the abstract LM (nnx.eval_shape) reports embedding + each layer's mixer, MLP
+    and norms counted on standalone modules + final norm, and the layer pattern."""
     config = configs.get(name)
     mixer_counts = {
         "attention": lambda: Attention(config, window=None, rngs=nnx.Rngs(0)),
@@ -71,8 +71,10 @@ def test_every_preset_counts_as_the_sum_of_its_layers(name):
     }
     mlp = abstract_count(lambda: SwiGLU(config, rngs=nnx.Rngs(0)))
     layers = sum(abstract_count(mixer_counts[mixer]) + mlp + 2 * config.hidden_size for mixer in config.mixers)
-    count = info.count_parameters(config)
-    assert count == config.vocab_size * config.hidden_size + layers + config.hidden_size
+    count = config.vocab_size * config.hidden_size + layers + config.hidden_size
+    description = info.describe(name)  # what `ttt-info --config NAME` prints
+    assert f"parameters:      {count:,} " in description
+    assert f"({config.layer_pattern})" in description
     if name in TINY:
         assert count < 5_000_000
 
