@@ -177,6 +177,8 @@ def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, lo
                 if peak:
                     record["mfu"] = record["model_flops_per_s"] / peak
                 writer.write(current, record)
+                if is_main and not show:  # no progress bar (not a terminal): a plain line instead
+                    print(f"step {current}/{config.steps}: loss {loss:.3f}, {tokens_per_s:.0f} tokens/s", flush=True)
             if current % config.checkpoint_every == 0 or current == last or stop.received:
                 checkpointer.save(current, model, optimizer, data_iterator, config)
             if stop.received:
