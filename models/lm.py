@@ -130,12 +130,17 @@ class LM(nnx.Module):
     def decode_step(self, token: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """token: int32 [batch], the next token of every sequence -> (logits [batch, vocab], next cache)."""
 
-        @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0), transform_metadata=LAYER_AXIS_METADATA)
-        def step_group(group: BlockGroup, x: jax.Array, states):
-            return group.step(x, states)
+        # The stacked states are carried and each group's slice is written back in place; scanning
+        # them as inputs/outputs instead would copy every KV cache once more per token.
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=LAYER_AXIS_METADATA)
+        def step_group(group: BlockGroup, carry):
+            x, states, index = carry
+            x, group_states = group.step(x, jax.tree.map(lambda stacked: stacked[index], states))
+            states = jax.tree.map(lambda stacked, new: stacked.at[index].set(new), states, group_states)
+            return x, states, index + 1
 
         x = self._embed(token[:, None])[:, 0, :]
-        x, states = step_group(self.groups, x, cache["layers"])
+        x, states, _ = step_group(self.groups, (x, cache["layers"], jnp.zeros((), jnp.int32)))
         hidden = self.final_norm(x)[:, None, :]
         logits = project_to_vocab(hidden, self._unembedding(), hidden.dtype)[:, 0, :]
         return logits, {"position": cache["position"] + 1, "layers": states}
