@@ -124,8 +124,7 @@ class TTTLayer(nnx.Module):
 
     def init_state(self, batch: int) -> dict:
         """Decode state before any token: `{"ttt": inner-loop state, "conv": [batch, K-1, heads, head_dim]}`."""
-        params = {name: jnp.broadcast_to(w[...], (batch, *w.shape)) for name, w in self.fast_weights.items()}
-        state = {"ttt": ops.init_decode_state(params)}
+        state = {"ttt": ops.init_decode_state(self._initial_fast_weights(batch))}
         if self.config.backbone == "mamba":
             c = self.config
             state["conv"] = jnp.zeros((batch, c.conv_kernel - 1, c.num_heads, c.head_dim), jnp.dtype(c.dtype))
@@ -181,15 +180,15 @@ class TTTLayer(nnx.Module):
         b = self.config.mini_batch_size
         return jnp.maximum(1.0 / jnp.arange(1, b + 1, dtype=jnp.float32) + self.token_scale_offset[...], 0.0)
 
-    def _inner_args(self, batch):
-        params = {name: jnp.broadcast_to(w[...], (batch, *w.shape)) for name, w in self.fast_weights.items()}
-        return params, self.inner_ln_weight[...], self.inner_ln_bias[...]
+    def _initial_fast_weights(self, batch):
+        """The learnable W0 of every head, broadcast over the batch: {name: [batch, heads, ...]}."""
+        return {name: jnp.broadcast_to(w[...], (batch, *w.shape)) for name, w in self.fast_weights.items()}
 
     def _mix_sequence(self, q, k, v, eta):
         """Sequence form over [batch, heads, seq, head_dim]; returns (z, final fast weights)."""
         c = self.config
-        params, ln_weight, ln_bias = self._inner_args(q.shape[0])
-        return _INNER[c.inner][1](q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size=c.mini_batch_size,
+        return _INNER[c.inner][1](q, k, v, eta, self._initial_fast_weights(q.shape[0]), self.inner_ln_weight[...],
+                                  self.inner_ln_bias[...], mini_batch_size=c.mini_batch_size,
                                   token_scale=self._token_scale(), form=c.form, remat_group_size=c.remat_group_size)
 
     def _step_fn(self):
