@@ -66,8 +66,7 @@ def test_attention_step_by_step_equals_full_forward(window, qk_norm):
                          max_seq_len=16, qk_norm=qk_norm)
     attention = Attention(config, window=window, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 13, 32))
-    full = attention(x)
-    prefix, state = attention.prefill(x[:, :6])
+    full, (prefix, state) = nnx.jit(lambda module, x: (module(x), module.prefill(x[:, :6])))(attention, x)
     np.testing.assert_allclose(prefix, full[:, :6], atol=1e-5)
     assert state["key"].shape == (2, window or 16, 2, 8)
     step = nnx.jit(lambda module, x_t, state: module.step(x_t, state))
@@ -79,6 +78,6 @@ def test_attention_step_by_step_equals_full_forward(window, qk_norm):
 
 def test_prefill_longer_than_full_attention_cache_is_rejected():
     config = ModelConfig(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, mlp_hidden_size=16, max_seq_len=4)
-    attention = Attention(config, window=None, rngs=nnx.Rngs(0))
+    attention = nnx.eval_shape(lambda: Attention(config, window=None, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="max_seq_len=4"):
         attention.prefill(jnp.zeros((1, 5, 16)))
