@@ -107,7 +107,7 @@ class TrainConfig:
     model: ModelConfig
     config_name: str = ""
     workdir: str = "runs/default"
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 16
     seed: int = 0
     log_every: int = 10

@@ -28,6 +28,7 @@ from ttt.train.tokenizers import load_tokenizer
 DEFAULT_PRESET = "ttt-linear-tiny"
 EXPORT = "export"
 EVALUATION = "eval"
+COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "ttt", "jax")
 # Every flag takes a value (`--evaluate=False`, not `--no-evaluate`), so any field is `--key=value`.
 TYRO_MARKERS = (tyro.conf.FlagConversionOff,)
 
@@ -51,6 +52,9 @@ def _console_script(run, program: str):
     errors (bad paths, sizes, configs) with one clear line instead of a traceback."""
 
     def main(argv: list[str] | None = None) -> None:
+        # Reruns (resuming, evaluating) then skip recompiling; JAX_COMPILATION_CACHE_DIR overrides.
+        if jax.config.jax_compilation_cache_dir is None:
+            jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
         try:
             run(sys.argv[1:] if argv is None else argv)
         except ValueError as error:

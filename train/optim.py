@@ -1,5 +1,7 @@
 """The optimizer: AdamW with warmup + cosine, global-norm clipping, and a NaN/inf guard."""
 
+import functools
+
 import jax
 import optax
 
@@ -29,6 +31,9 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
+# Cached: the transformation is part of the optimizer's static structure, so handing out the same
+# object for the same config lets `train_step` reuse its compilation across runs in one process.
+@functools.lru_cache(maxsize=16)
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
     """Clip by global norm, AdamW on the schedule, all skipped when the gradients are not finite."""
     adamw = optax.adamw(learning_rate_schedule(config, total_steps), b1=config.beta1, b2=config.beta2,

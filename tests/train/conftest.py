@@ -1,17 +1,20 @@
 """Shared fixtures of the training tests: a micro model, a small real-text dataset, a run config, a trained run."""
 
 import dataclasses
+import os
 
+import jax
 import pytest
 
 from ttt import configs
 from ttt.configs.train import DataConfig, OptimizerConfig, TrainConfig
 
-# Small enough to compile and train in seconds; 4 heads so that tensor=2 and tensor=4 divide them.
-MICRO_MODEL = dataclasses.replace(configs.get("transformer-tiny"), hidden_size=32, num_heads=4, num_layers=2,
+# One TTT-Linear and one sliding-window attention layer (both mixer kinds), small enough to compile and train
+# in seconds; 4 heads so that tensor=2 and tensor=4 divide them.
+MICRO_MODEL = dataclasses.replace(configs.get("hybrid-tiny"), hidden_size=32, num_heads=4, num_layers=2,
                                   mlp_hidden_size=64, max_seq_len=256)
-# The same run as command-line overrides of the transformer-tiny preset.
-MICRO_FLAGS = ["--config=transformer-tiny", "--model.hidden-size=32", "--model.num-layers=2",
+# The same run as command-line overrides of the hybrid-tiny preset.
+MICRO_FLAGS = ["--config=hybrid-tiny", "--model.hidden-size=32", "--model.num-layers=2",
                "--model.mlp-hidden-size=64", "--model.max-seq-len=256", "--batch-size=8", "--data.seq-len=32",
                "--data.max-documents=40", "--data.shuffle-window=64", "--data.validation-fraction=0.2",
                "--optimizer.warmup-steps=2", "--log-every=1"]
@@ -24,6 +27,19 @@ def make_run_config(data_dir: str, workdir: str) -> TrainConfig:
                        data=DataConfig(source="pystdlib", max_documents=40, seq_len=32, shuffle_window=64,
                                        data_dir=data_dir, validation_fraction=0.2),
                        optimizer=OptimizerConfig(warmup_steps=2))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One compilation cache for the session, shared with the subprocesses and the notebook kernel
+    (they inherit JAX_COMPILATION_CACHE_DIR), so what is compiled here is not compiled again there."""
+    directory = str(tmp_path_factory.mktemp("jax-cache"))
+    previous = jax.config.jax_compilation_cache_dir
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    jax.config.update("jax_compilation_cache_dir", directory)
+    yield directory
+    jax.config.update("jax_compilation_cache_dir", previous)
+    del os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 @pytest.fixture(scope="session")
