@@ -121,13 +121,13 @@ def train(config: TrainConfig, *, progress: bool | None = None, stop_after: int 
         process_count=jax.process_count())
     data_iterator = pipeline.CheckpointableIterator(batches)
     checkpointer = checkpoint_lib.Checkpointer(config.workdir, keep=config.keep_checkpoints)
+    resuming = checkpointer.latest_step() is not None
+    if resuming:
+        checkpoint_lib.check_compatible(checkpointer.stored_config(), config, checkpointer.directory)
     with mesh_lib.activate(mesh):
         model = step.create_model(config.model, mesh, config.seed)
         optimizer = nnx.Optimizer(model, make_optimizer(config.optimizer, config.steps), wrt=nnx.Param)
-        start = 0
-        if checkpointer.latest_step() is not None:
-            checkpoint_lib.check_compatible(checkpointer.stored_config(), config, checkpointer.directory)
-            start = checkpointer.restore(model, optimizer, data_iterator)
+        start = checkpointer.restore(model, optimizer, data_iterator) if resuming else 0
         run = _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, local_batch, progress,
                     min(stop_after or config.steps, config.steps))
     checkpointer.close()
