@@ -68,7 +68,8 @@ def test_checkpoint_from_an_incompatible_config_is_a_clear_error_and_is_kept(tra
 
 def test_non_finite_gradients_skip_the_update_and_are_reported():
     mesh = mesh_lib.make_mesh(MeshConfig())
-    tokens = np.random.default_rng(0).integers(0, MICRO_MODEL.vocab_size, (1, 8, 17), dtype=np.int32)
+    # The shape of the `trained` run's steps, so the compiled step is reused.
+    tokens = np.random.default_rng(0).integers(0, MICRO_MODEL.vocab_size, (1, 8, 33), dtype=np.int32)
     with mesh_lib.activate(mesh):
         model = create_model(MICRO_MODEL, mesh, seed=0)
         optimizer = nnx.Optimizer(model, make_optimizer(OptimizerConfig(warmup_steps=0), 10), wrt=nnx.Param)
@@ -84,20 +85,3 @@ def test_non_finite_gradients_skip_the_update_and_are_reported():
         assert metrics["finite"]
         assert any(not np.array_equal(after[path], value) for path, value in _params(model).items())
 
-
-def test_gradient_accumulation_equals_one_large_batch():
-    mesh = mesh_lib.make_mesh(MeshConfig())
-    tokens = np.random.default_rng(1).integers(0, MICRO_MODEL.vocab_size, (1, 16, 17), dtype=np.int32)
-    results = []
-    for micro_batches in (1, 2):
-        with mesh_lib.activate(mesh):
-            model = create_model(MICRO_MODEL, mesh, seed=0)
-            optimizer = nnx.Optimizer(model, make_optimizer(OptimizerConfig(warmup_steps=0), 10), wrt=nnx.Param)
-            split = jax.device_put(tokens.reshape(micro_batches, 16 // micro_batches, 17), token_sharding(mesh))
-            results.append((jax.device_get(train_step(model, optimizer, split)), _params(model)))
-    (whole, whole_params), (accumulated, accumulated_params) = results
-    np.testing.assert_allclose(accumulated["loss"], whole["loss"], rtol=1e-6)
-    np.testing.assert_allclose(accumulated["grad_norm"], whole["grad_norm"], rtol=1e-5)
-    for path, value in whole_params.items():
-        # Adam's first update divides by |g|, magnifying summation-order differences of tiny gradients.
-        np.testing.assert_allclose(accumulated_params[path], value, rtol=1e-5, atol=1e-5, err_msg=str(path))

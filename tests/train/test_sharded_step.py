@@ -1,4 +1,8 @@
-"""A sharded forward pass and training step on 8 CPU devices equal the single-device ones."""
+"""A sharded forward pass and training step on 8 CPU devices equal the single-device ones.
+
+The sharded step also accumulates gradients over two micro-batches while the single-device step
+takes the batch whole, so the same comparison checks gradient accumulation.
+"""
 
 import jax
 import numpy as np
@@ -12,18 +16,19 @@ from ttt.train.optim import make_optimizer
 from ttt.train.step import create_model, token_sharding, train_step
 
 
-def _forward_and_step(mesh, model, tokens: np.ndarray):
+def _forward_and_step(mesh, model, tokens: np.ndarray, accumulation: int):
     with mesh_lib.activate(mesh):
         optimizer = nnx.Optimizer(model, make_optimizer(OptimizerConfig(warmup_steps=0), 10), wrt=nnx.Param)
-        ids = jax.device_put(tokens[0, :, :-1], mesh_lib.batch_sharding(mesh))
+        ids = jax.device_put(tokens[:, :-1], mesh_lib.batch_sharding(mesh))
         logits = nnx.jit(lambda m, x: m(x))(model, ids)
-        metrics = train_step(model, optimizer, jax.device_put(tokens, token_sharding(mesh)))
+        micro_batches = jax.device_put(tokens.reshape(accumulation, -1, tokens.shape[-1]), token_sharding(mesh))
+        metrics = train_step(model, optimizer, micro_batches)
         params = {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     return np.asarray(logits), jax.device_get(metrics), params
 
 
-def test_sharded_forward_and_train_step_equal_the_unsharded_ones():
-    tokens = np.random.default_rng(0).integers(0, MICRO_MODEL.vocab_size, (1, 8, 33), dtype=np.int32)
+def test_sharded_forward_and_accumulated_train_step_equal_the_unsharded_ones():
+    tokens = np.random.default_rng(0).integers(0, MICRO_MODEL.vocab_size, (8, 33), dtype=np.int32)
     sharded = mesh_lib.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     single = mesh_lib.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     with mesh_lib.activate(sharded):
@@ -31,8 +36,8 @@ def test_sharded_forward_and_train_step_equal_the_unsharded_ones():
     # The same initial values, whole on one device.
     graphdef, state = nnx.split(model_8)
     model_1 = nnx.merge(graphdef, jax.device_put(state, NamedSharding(single, PartitionSpec())))
-    logits_1, metrics_1, params_1 = _forward_and_step(single, model_1, tokens)
-    logits_8, metrics_8, params_8 = _forward_and_step(sharded, model_8, tokens)
+    logits_1, metrics_1, params_1 = _forward_and_step(single, model_1, tokens, accumulation=1)
+    logits_8, metrics_8, params_8 = _forward_and_step(sharded, model_8, tokens, accumulation=2)
     np.testing.assert_allclose(logits_8, logits_1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-6)
     np.testing.assert_allclose(metrics_8["grad_norm"], metrics_1["grad_norm"], rtol=1e-5)
