@@ -54,7 +54,8 @@ def evaluate(model, tokenizer: Tokenizer, validation_source, *, mesh, max_length
              unigram: dict | None = None, seed: int = 0) -> dict:
     """The report: overall loss, by position, by context length, and a few generated samples."""
     tokens, mask, bytes_per_token = pipeline.evaluation_rows(validation_source, tokenizer, max_length, max_documents)
-    batch_size = -(-batch_size // mesh.shape["data"]) * mesh.shape["data"]
+    ways = mesh_lib.batch_ways(mesh)
+    batch_size = -(-batch_size // ways) * ways
     to_bits_per_byte = 1 / math.log(2) / bytes_per_token
     losses = per_token_losses(model, tokens, mesh, batch_size)
     targets = mask[:, 1:]

@@ -53,16 +53,16 @@ def initialize_distributed() -> None:
 
 
 def check_batch(config: TrainConfig, mesh) -> int:
-    """The per-process batch, after checking that the batch splits over processes, micro-batches and `data`."""
+    """The per-process batch, after checking that the batch splits over processes, micro-batches and the mesh."""
     accumulation = config.optimizer.accumulation_steps
-    data_ways = mesh.shape["data"]
+    data_ways = mesh_lib.batch_ways(mesh)
     processes = jax.process_count()
     if accumulation < 1 or config.batch_size % accumulation:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by accumulation_steps={accumulation}")
     micro_batch = config.batch_size // accumulation
     if micro_batch % data_ways or micro_batch % processes:
         raise ValueError(f"micro-batch of {micro_batch} sequences (batch_size / accumulation_steps) must be divisible "
-                         f"by the mesh's data axis ({data_ways}) and the number of processes ({processes})")
+                         f"by the mesh's data x fsdp axes ({data_ways}) and the number of processes ({processes})")
     return config.batch_size // processes
 
 

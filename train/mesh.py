@@ -14,15 +14,17 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ttt.configs.train import MeshConfig
+from ttt.sharding import first_use_only
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Batch rows are split over `data`; parameters (and activations) along `embed` over `fsdp`, so
-# parameters and optimizer state are sharded fsdp-ways; heads, the MLP width and the vocabulary
-# over `tensor` (Megatron-style). A mesh axis appears at most once in any array's spec (checked
-# in `logical_to_spec` for every parameter and every activation name tuple of the models).
+# Batch rows are split over `data` and `fsdp`; parameters along `embed` over `fsdp`, so
+# parameters and optimizer state are sharded fsdp-ways and gathered for use (FSDP); heads, the MLP
+# width and the vocabulary over `tensor` (Megatron-style). A parameter uses a mesh axis at most
+# once (checked strictly); an activation drops from later dimensions a mesh axis an earlier one
+# took (`ttt.sharding.first_use_only`), so `[batch, seq, embed]` is whole along embed.
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", "data"),
+    ("batch", ("data", "fsdp")),
     ("seq", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -70,10 +72,11 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def logical_to_spec(logical_axes, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
+def logical_to_spec(logical_axes, rules=LOGICAL_AXIS_RULES, *, activation=False) -> PartitionSpec:
     """The PartitionSpec of an array whose dimensions carry `logical_axes` (names or None).
 
-    Raises if a name has no rule, or if two dimensions would land on the same mesh axis.
+    Raises if a name has no rule. For a parameter (the default) it also raises if two dimensions
+    would land on the same mesh axis; an activation keeps such an axis for its first dimension.
     """
     table = dict(rules)
     mesh_axes, used = [], {}
@@ -86,12 +89,13 @@ def logical_to_spec(logical_axes, rules=LOGICAL_AXIS_RULES) -> PartitionSpec:
                              f"rules cover {sorted(table)}")
         target = table[name]
         for axis in (target,) if isinstance(target, str) else (target or ()):
-            if axis in used:
+            if axis in used and not activation:
                 raise ValueError(f"logical axes {used[axis]!r} and {name!r} of {tuple(logical_axes)} both map to "
                                  f"mesh axis {axis!r}; an array can use a mesh axis once")
-            used[axis] = name
+            used.setdefault(axis, name)
         mesh_axes.append(target)
-    return PartitionSpec(*mesh_axes)
+    spec = PartitionSpec(*mesh_axes)
+    return first_use_only(spec) if activation else spec
 
 
 def check_rules(rules=LOGICAL_AXIS_RULES) -> None:
@@ -101,7 +105,7 @@ def check_rules(rules=LOGICAL_AXIS_RULES) -> None:
             if axis not in MESH_AXES:
                 raise ValueError(f"rule {name!r} -> {axis!r}: unknown mesh axis; expected one of {MESH_AXES}")
     for logical_axes in ACTIVATION_AXES:
-        logical_to_spec(logical_axes, rules)
+        logical_to_spec(logical_axes, rules, activation=True)
 
 
 def _axis_size(mesh: Mesh, target) -> int:
@@ -146,6 +150,11 @@ def activate(mesh: Mesh):
     check_rules()
     with jax.set_mesh(mesh), nnx.logical_axis_rules(LOGICAL_AXIS_RULES):
         yield
+
+
+def batch_ways(mesh: Mesh) -> int:
+    """How many ways the rules split a batch's rows on `mesh` (its size must be a multiple)."""
+    return _axis_size(mesh, dict(LOGICAL_AXIS_RULES)["batch"])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

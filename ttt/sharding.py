@@ -1,9 +1,14 @@
-"""Activation sharding by logical axis names.
+"""Parameter and activation sharding by logical axis names.
 
 Model code names axes logically (`"batch"`, `"seq"`, `"embed"`, `"heads"`, ...); the mapping
 to mesh axes is one table of rules installed with `flax.nnx.logical_axis_rules(rules)` by the
 training code. Outside a mesh (`jax.set_mesh`) every constraint here is the identity, so the
 same model runs unsharded in tests and notebooks.
+
+An activation resolves its dimensions left to right and a mesh axis used by an earlier dimension
+is not used again: with `batch -> (data, fsdp)` and `embed -> fsdp`, a `[batch, seq, embed]`
+activation is split over data and fsdp by its rows and whole along embed (FSDP), while the
+parameters, which have no batch axis, stay split over fsdp along embed.
 """
 
 import jax
@@ -35,4 +40,18 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     if mesh.empty or not spmd.get_logical_axis_rules():
         return x
     spec = spmd.apply_rules(jax.sharding.PartitionSpec(*logical_axes), None)
-    return jax.lax.with_sharding_constraint(x, spec)
+    return jax.lax.with_sharding_constraint(x, first_use_only(spec))
+
+
+def first_use_only(spec: jax.sharding.PartitionSpec) -> jax.sharding.PartitionSpec:
+    """`spec` without the mesh axes that an earlier dimension already uses.
+
+    E.g. `P(("data", "fsdp"), None, "fsdp")` -> `P(("data", "fsdp"), None, None)`.
+    """
+    used, dims = set(), []
+    for entry in spec:
+        axes = entry if isinstance(entry, tuple) else (entry,)
+        kept = tuple(axis for axis in axes if axis is not None and axis not in used)
+        used.update(kept)
+        dims.append(kept[0] if len(kept) == 1 else (kept or None))
+    return jax.sharding.PartitionSpec(*dims)

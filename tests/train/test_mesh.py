@@ -10,6 +10,7 @@ from tests.train.conftest import MICRO_MODEL
 from ttt.configs.train import MeshConfig, OptimizerConfig
 from ttt.train import mesh as mesh_lib
 from ttt.train.optim import make_optimizer
+from ttt.sharding import constrain
 from ttt.train.step import create_model
 
 # Written out here, independently of LOGICAL_AXIS_RULES: where each logical axis of a parameter must live.
@@ -26,6 +27,17 @@ def test_rules_cover_the_vocabulary_and_never_reuse_a_mesh_axis():
         mesh_lib.logical_to_spec(("batch", "seq", "embed"), conflicting)
     with pytest.raises(ValueError, match="'colour' .* has no rule"):
         mesh_lib.logical_to_spec(("batch", "colour"))
+
+
+def test_activations_split_rows_over_data_and_fsdp_and_keep_embed_whole():
+    """FSDP: parameters are split along embed over fsdp, activations along the batch over data x fsdp."""
+    assert mesh_lib.logical_to_spec(("batch", "seq", "embed"), activation=True) == PartitionSpec(("data", "fsdp"), None, None)
+    mesh = mesh_lib.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    with mesh_lib.activate(mesh):
+        x = jax.jit(lambda x: constrain(x * 2, ("batch", "seq", "embed")))(np.ones((8, 3, 4), np.float32))
+    assert _padded(x.sharding.spec, 3) == (("data", "fsdp"), None, None)
+    assert x.addressable_shards[0].data.shape == (2, 3, 4)
+    assert mesh_lib.batch_ways(mesh) == 4
 
 
 def test_mesh_shape_fills_the_rest_and_rejects_a_wrong_device_count():
