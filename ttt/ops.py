@@ -63,11 +63,8 @@ def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_
     _check_positive("remat_group_size", remat_group_size)
     if form not in ("dual", "primal"):
         raise ValueError(f"form={form!r}; expected 'dual' or 'primal'")
-    _check_float_shape("q", q, None, ndim=4)
+    _check_tokens(q, k, v, eta, ndim=4)
     batch, heads, seq_len, head_dim = q.shape
-    _check_float_shape("k", k, q.shape)
-    _check_float_shape("v", v, q.shape)
-    _check_float_shape("eta", eta, (batch, heads, seq_len))
     _check_params(model, params, batch, heads, head_dim)
     ln_weight, ln_bias = _layer_norm_params(ln_weight, ln_bias, heads, head_dim)
     token_scale = _token_scale(token_scale, mini_batch_size)
@@ -80,9 +77,10 @@ def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_
     q_mb, k_mb, v_mb = (mini_batch.split(x, mini_batch_size, padded) for x in (q32, k32, v32))
     coeff, update = mini_batch.coefficients(mini_batch.split(eta32, mini_batch_size, padded), token_scale, seq_len)
 
+    # LN parameters shaped [heads, 1, d] to broadcast over [batch, heads, tokens, d].
+    head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
     if form == "dual":
         xs = dual.prepare(q_mb, k_mb, v_mb, coeff, update)
-        head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
         body = _DUAL_BODIES[model.name](*head_ln)
     else:
         xs = primal.prepare(q_mb, k_mb, v_mb, coeff, update)
@@ -90,18 +88,14 @@ def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_
     final_params, inner_out = mini_batch.remat_scan(body, params, xs, min(remat_group_size, real))
 
     inner_out = mini_batch.merge(inner_out, seq_len)
-    head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
     z = q32 + layer_norm(inner_out, *head_ln)
     return z.astype(q.dtype), final_params
 
 
 def _step(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale):
     _check_positive("mini_batch_size", mini_batch_size)
-    _check_float_shape("q", q, None, ndim=3)
+    _check_tokens(q, k, v, eta, ndim=3)
     batch, heads, head_dim = q.shape
-    _check_float_shape("k", k, q.shape)
-    _check_float_shape("v", v, q.shape)
-    _check_float_shape("eta", eta, (batch, heads))
     if not isinstance(state, dict) or set(state) != {"params", "grad_sum", "position"}:
         raise ValueError("state must be the dict returned by init_decode_state or a step function")
     _check_params(model, state["params"], batch, heads, head_dim)
@@ -116,6 +110,14 @@ def _step(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_batch
 def _check_positive(name, value):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}={value!r}; expected an int >= 1")
+
+
+def _check_tokens(q, k, v, eta, ndim):
+    """q: `ndim` dimensions, k and v its shape, eta its shape without head_dim; all floating."""
+    _check_float_shape("q", q, None, ndim=ndim)
+    _check_float_shape("k", k, q.shape)
+    _check_float_shape("v", v, q.shape)
+    _check_float_shape("eta", eta, q.shape[:-1])
 
 
 def _check_float_shape(name, x, shape, ndim=None):
