@@ -68,8 +68,11 @@ class OptimizerConfig:
       beta1, beta2: Adam moment decays.
       grad_clip_norm: clip the global gradient norm to this (0: no clipping).
       accumulation_steps: micro-batches averaged per update (the batch is split into this many).
-      ttt_inner_lr_warmup_steps: TTT-MLP inner learning-rate warmup of Sun et al. 2024, from
-        0.01 to the model's `ttt_mlp_base_lr` over this many steps (0: off).
+      ttt_inner_lr_warmup_steps: inner learning-rate warmup of the TTT layers (Sun et al. 2024
+        warm TTT-MLP's from 0.01 to 0.1): each layer's inner learning rate rises linearly from
+        `ttt_inner_lr_warmup_start` times its base to its base over this many steps (0: off).
+      ttt_inner_lr_warmup_start: the fraction of the base inner learning rate at step 0; 0.1 takes
+        TTT-MLP (base 0.1) from 0.01, as in the paper.
     """
 
     learning_rate: float = 3e-3
@@ -81,6 +84,13 @@ class OptimizerConfig:
     grad_clip_norm: float = 1.0
     accumulation_steps: int = 1
     ttt_inner_lr_warmup_steps: int = 0
+    ttt_inner_lr_warmup_start: float = 0.1
+
+    def __post_init__(self):
+        if self.ttt_inner_lr_warmup_steps < 0:
+            raise ValueError(f"ttt_inner_lr_warmup_steps={self.ttt_inner_lr_warmup_steps}; expected >= 0")
+        if not 0.0 <= self.ttt_inner_lr_warmup_start <= 1.0:
+            raise ValueError(f"ttt_inner_lr_warmup_start={self.ttt_inner_lr_warmup_start}; expected a fraction in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,8 +91,13 @@ class Attention(nnx.Module):
         attended = constrain(attended, ("batch", "seq", "heads", "head_dim"))
         return constrain(self.out(attended), ("batch", "seq", "embed"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [batch, seq, embed] -> [batch, seq, embed]."""
+    def __call__(self, x: jax.Array, inner_lr_scale: jax.Array | float = 1.0) -> jax.Array:
+        """x: [batch, seq, embed] -> [batch, seq, embed].
+
+        Attention learns nothing at test time; `inner_lr_scale` is accepted for the common mixer
+        interface and has no effect.
+        """
+        del inner_lr_scale
         query, key, value = self._project(x, jnp.arange(x.shape[1]))
         return self._output(causal_attention(query, key, value, self.window))
 

@@ -1,8 +1,10 @@
 """Pre-norm residual blocks whose sequence mixer is chosen by name, and groups of them.
 
 Every mixer (attention, sliding-window attention, TTT layers) has one interface:
-`mixer(x)`, `mixer.prefill(x) -> (y, state)`, `mixer.init_state(batch)`,
+`mixer(x, inner_lr_scale)`, `mixer.prefill(x) -> (y, state)`, `mixer.init_state(batch)`,
 `mixer.step(x_t, state) -> (y_t, state)`, so a block never asks which kind it holds.
+`inner_lr_scale` multiplies the inner learning rate of TTT layers during training (the inner-LR
+warmup); attention ignores it, and inference always runs at scale 1.
 """
 
 from typing import Any
@@ -42,9 +44,9 @@ class Block(nnx.Module):
     def _mlp_residual(self, h: jax.Array) -> jax.Array:
         return constrain(h + self.mlp(self.mlp_norm(h)), ("batch", "seq", "embed"))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, inner_lr_scale: jax.Array | float = 1.0) -> jax.Array:
         """x: [batch, seq, embed] -> [batch, seq, embed]."""
-        return self._mlp_residual(x + self.mixer(self.mixer_norm(x)))
+        return self._mlp_residual(x + self.mixer(self.mixer_norm(x), inner_lr_scale))
 
     def prefill(self, x: jax.Array) -> tuple[jax.Array, State]:
         """x: [batch, seq, embed] -> (same as `__call__`, mixer state after reading x)."""
@@ -66,9 +68,9 @@ class BlockGroup(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(config, mixer, rngs=rngs) for mixer in config.pattern])
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, inner_lr_scale: jax.Array | float = 1.0) -> jax.Array:
         for block in self.blocks:
-            x = block(x)
+            x = block(x, inner_lr_scale)
         return x
 
     def prefill(self, x: jax.Array) -> tuple[jax.Array, tuple[State, ...]]:

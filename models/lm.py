@@ -64,22 +64,28 @@ class LM(nnx.Module):
             return fn
         return nnx.remat(fn, policy=None if policy == "full" else getattr(jax.checkpoint_policies, policy))
 
-    def hidden_states(self, ids: jax.Array) -> jax.Array:
-        """ids: int32 [batch, seq] -> final-normed hidden states [batch, seq, embed]."""
+    def hidden_states(self, ids: jax.Array, inner_lr_scale: jax.Array | float = 1.0) -> jax.Array:
+        """ids: int32 [batch, seq] -> final-normed hidden states [batch, seq, embed].
 
-        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=LAYER_AXIS_METADATA)
+        `inner_lr_scale`: a scalar (may be traced) multiplying every TTT layer's inner learning
+        rate; training's inner-LR warmup sets it, everything else leaves it at 1.
+        """
+
+        @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry, transform_metadata=LAYER_AXIS_METADATA)
         @self._remat
-        def run_group(group: BlockGroup, x: jax.Array) -> jax.Array:
-            return group(x)
+        def run_group(group: BlockGroup, x: jax.Array, scale: jax.Array) -> jax.Array:
+            return group(x, scale)
 
-        return self.final_norm(run_group(self.groups, self._embed(ids)))
+        scale = jnp.asarray(inner_lr_scale, jnp.float32)
+        return self.final_norm(run_group(self.groups, self._embed(ids), scale))
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
+    def __call__(self, ids: jax.Array, inner_lr_scale: jax.Array | float = 1.0) -> jax.Array:
         """ids: int32 [batch, seq] -> logits [batch, seq, vocab] in the compute dtype."""
-        hidden = self.hidden_states(ids)
+        hidden = self.hidden_states(ids, inner_lr_scale)
         return project_to_vocab(hidden, self._unembedding(), hidden.dtype)
 
-    def loss(self, ids: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def loss(self, ids: jax.Array, mask: jax.Array | None = None,
+             inner_lr_scale: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
         """Next-token cross-entropy: positions :-1 predict ids[:, 1:].
 
         Args:
@@ -87,6 +93,7 @@ class LM(nnx.Module):
           mask: optional weights of the predicted tokens, either [batch, seq - 1] (aligned with the
             targets ids[:, 1:]) or [batch, seq] (aligned with ids; column 0 is never a target and
             is dropped). None weights every target 1.
+          inner_lr_scale: multiplies every TTT layer's inner learning rate (see `hidden_states`).
         Returns:
           (loss, per_token_loss): the mask-weighted mean, a float32 scalar (0 when the mask is all
           zero), and the unweighted float32 [batch, seq - 1] losses. The float32 logits are
@@ -95,7 +102,7 @@ class LM(nnx.Module):
         batch, seq = ids.shape
         if seq < 2:
             raise ValueError(f"loss needs sequences of at least 2 tokens; got ids of shape {ids.shape}")
-        hidden = self.hidden_states(ids[:, :-1])
+        hidden = self.hidden_states(ids[:, :-1], inner_lr_scale)
         per_token = chunked_cross_entropy(hidden, self._unembedding(), ids[:, 1:], self.config.loss_chunk_size)
         if mask is None:
             return per_token.mean(), per_token

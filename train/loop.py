@@ -22,7 +22,7 @@ from ttt.configs.train import TrainConfig
 from ttt.train import checkpoint as checkpoint_lib
 from ttt.train import dataset, metrics, pipeline, step
 from ttt.train import mesh as mesh_lib
-from ttt.train.optim import make_optimizer
+from ttt.train.optim import inner_lr_scale_schedule, make_optimizer
 from ttt.train.tokenizers import check_fits, load_tokenizer
 
 # A run whose gradients stay non-finite this many steps in a row has diverged: stop it.
@@ -105,9 +105,6 @@ def train(config: TrainConfig, *, progress: bool | None = None, stop_after: int 
       stop_after: save and stop after this step, as a preemption would (the schedule still spans
         `config.steps`); rerunning resumes.
     """
-    if config.optimizer.ttt_inner_lr_warmup_steps:
-        raise ValueError("optimizer.ttt_inner_lr_warmup_steps needs a runtime inner learning-rate scale in the TTT "
-                         "layer, which this version does not expose yet; leave it at 0")
     os.makedirs(config.workdir, exist_ok=True)
     mesh = mesh_lib.make_mesh(config.mesh)
     tokenizer = load_tokenizer(config.data.tokenizer)
@@ -143,6 +140,7 @@ def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, lo
     flops_per_token = metrics.training_flops_per_token(config.model, num_params, config.data.seq_len)
     peak = metrics.peak_flops_per_device(config.peak_flops_per_device) * jax.device_count()
     tokens_per_step = config.batch_size * config.data.seq_len
+    inner_lr_scale_at = inner_lr_scale_schedule(config.optimizer)
     writer = metrics.MetricsWriter(config.workdir, tensorboard=config.tensorboard)
     show = is_main and (sys.stderr.isatty() if progress is None else progress)
     bar = tqdm(total=config.steps, initial=start, disable=not show, desc="train", dynamic_ncols=True)
@@ -152,7 +150,8 @@ def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, lo
         for current in range(start + 1, last + 1):
             local = next(data_iterator).reshape(accumulation, local_batch // accumulation, -1)
             tokens = jax.make_array_from_process_local_data(sharding, local, global_shape)
-            result = jax.device_get(step.train_step(model, optimizer, tokens))
+            inner_lr_scale = np.float32(inner_lr_scale_at(current - 1))
+            result = jax.device_get(step.train_step(model, optimizer, tokens, inner_lr_scale))
             done = current
             if window_start is None:  # the first step includes compilation: time from its end
                 window_start = time.perf_counter()
@@ -174,6 +173,8 @@ def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, lo
                 tokens_per_s = window_steps * tokens_per_step / elapsed if window_steps else float("nan")
                 record = {"loss": loss, "grad_norm": float(result["grad_norm"]), "tokens_per_s": tokens_per_s,
                           "model_flops_per_s": tokens_per_s * flops_per_token}
+                if config.optimizer.ttt_inner_lr_warmup_steps:
+                    record["inner_lr_scale"] = float(inner_lr_scale)
                 if peak:
                     record["mfu"] = record["model_flops_per_s"] / peak
                 writer.write(current, record)

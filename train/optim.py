@@ -23,6 +23,14 @@ def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.S
         decay_steps=max(total_steps, warmup + 1), end_value=config.learning_rate * config.final_lr_fraction)
 
 
+def inner_lr_scale_schedule(config: OptimizerConfig) -> optax.Schedule:
+    """Step -> the factor on every TTT layer's inner learning rate: linear from
+    `ttt_inner_lr_warmup_start` at step 0 to 1 at `ttt_inner_lr_warmup_steps`, then 1 (always 1 when off)."""
+    if config.ttt_inner_lr_warmup_steps == 0:
+        return optax.constant_schedule(1.0)
+    return optax.linear_schedule(config.ttt_inner_lr_warmup_start, 1.0, config.ttt_inner_lr_warmup_steps)
+
+
 def _decay_mask(params):
     def decayed(path, _) -> bool:
         names = [str(getattr(key, "key", getattr(key, "name", ""))) for key in path]

@@ -46,8 +46,12 @@ def token_sharding(mesh: Mesh) -> NamedSharding:
 
 
 @nnx.jit(donate_argnums=(0, 1))
-def train_step(model: LM, optimizer: nnx.Optimizer, tokens: jax.Array) -> dict[str, jax.Array]:
+def train_step(model: LM, optimizer: nnx.Optimizer, tokens: jax.Array,
+               inner_lr_scale: jax.Array | float = 1.0) -> dict[str, jax.Array]:
     """One optimizer update from `tokens` int32 [micro_batches, batch, seq + 1].
+
+    `inner_lr_scale` multiplies the TTT layers' inner learning rate (the inner-LR warmup); pass it as
+    an array so that a new value does not recompile.
 
     Gradients of the micro-batches are averaged (gradient accumulation) before one update; a
     non-finite gradient skips the update (optax.apply_if_finite) and `finite` reports it.
@@ -56,7 +60,7 @@ def train_step(model: LM, optimizer: nnx.Optimizer, tokens: jax.Array) -> dict[s
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_of(params, micro_batch):
-        loss, _ = nnx.merge(graphdef, params, rest).loss(micro_batch)
+        loss, _ = nnx.merge(graphdef, params, rest).loss(micro_batch, inner_lr_scale=inner_lr_scale)
         return loss
 
     def accumulate(grad_sum, micro_batch):

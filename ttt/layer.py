@@ -4,7 +4,9 @@
                                                                     shared q/k projection, then a
                                                                     causal depthwise conv for each)
   q, k <- RoPE with positions relative to the mini-batch
-  eta = base_lr * sigmoid(x . theta_h + beta_h) / head_dim          (per-token, per-head inner LR)
+  eta = s * base_lr * sigmoid(x . theta_h + beta_h) / head_dim      (per-token, per-head inner LR;
+                                                                    s: inner-LR warmup scale, 1 at
+                                                                    inference)
   z = ttt_linear / ttt_mlp (q, k, v, eta; W0, inner LN)             (fast weights read the sequence)
   y = o_proj(gate * post_norm(z))                                   (gate = gelu(x W_g), mamba only)
 
@@ -90,9 +92,13 @@ class TTTLayer(nnx.Module):
 
     # -- full sequences -------------------------------------------------------------------
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [batch, seq, embed] -> [batch, seq, embed]."""
-        q, k, v, eta = self._project(x, jnp.arange(x.shape[1]))
+    def __call__(self, x: jax.Array, inner_lr_scale: jax.Array | float = 1.0) -> jax.Array:
+        """x: [batch, seq, embed] -> [batch, seq, embed].
+
+        `inner_lr_scale` (a scalar, may be traced) multiplies the inner learning rate: the
+        inner-LR warmup of training sets it below 1 for the first steps.
+        """
+        q, k, v, eta = self._project(x, jnp.arange(x.shape[1]), inner_lr_scale)
         z, _ = self._mix_sequence(q, k, v, eta)
         return self._output(z, x)
 
@@ -157,22 +163,22 @@ class TTTLayer(nnx.Module):
         """The last K-1 q/k projections after `qk` [batch, seq, heads, head_dim] follows `previous`."""
         return jnp.concatenate([previous, qk.astype(previous.dtype)], axis=1)[:, -previous.shape[1]:]
 
-    def _project(self, x, positions):
+    def _project(self, x, positions, inner_lr_scale=1.0):
         """x: [batch, seq, embed] -> q, k, v: [batch, heads, seq, head_dim], eta: [batch, heads, seq]."""
         x = constrain(x, ("batch", "seq", "embed"))
         if self.config.backbone == "mamba":
             q, k = self._conv_qk(self.qk_proj(x))
         else:
             q, k = self.q_proj(x), self.k_proj(x)
-        return self._finish_projection(x, q, k, positions % self.config.mini_batch_size)
+        return self._finish_projection(x, q, k, positions % self.config.mini_batch_size, inner_lr_scale)
 
-    def _finish_projection(self, x, q, k, mini_batch_positions):
+    def _finish_projection(self, x, q, k, mini_batch_positions, inner_lr_scale=1.0):
         c = self.config
         q = rotary_embedding(q, mini_batch_positions, c.rope_theta)
         k = rotary_embedding(k, mini_batch_positions, c.rope_theta)
         v = self.v_proj(x)
         gate_logits = jnp.einsum("bte,eh->bth", x.astype(jnp.float32), self.lr_weight[...].astype(jnp.float32))
-        eta = c.base_lr * jax.nn.sigmoid(gate_logits + self.lr_bias[...]) / c.head_dim
+        eta = inner_lr_scale * c.base_lr * jax.nn.sigmoid(gate_logits + self.lr_bias[...]) / c.head_dim
         to_heads = lambda a: constrain(jnp.swapaxes(a, 1, 2), ("batch", "heads", "seq", "head_dim"))
         return to_heads(q), to_heads(k), to_heads(v), jnp.swapaxes(eta, 1, 2)
 

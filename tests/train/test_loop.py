@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import json
 import os
 
 import jax
@@ -41,6 +42,24 @@ def test_resume_continues_the_identical_loss_trajectory(run_config, tmp_path):
     assert {**first.losses, **second.losses} == straight.losses  # bit-identical, data order included
     for path, value in _params(straight.model).items():
         np.testing.assert_array_equal(_params(second.model)[path], value)
+
+
+def test_inner_lr_warmup_starts_the_ttt_layers_at_a_fraction_of_their_base_lr(run_config, tmp_path):
+    """Step 1 of a warmup run equals step 1 of a run whose model has base inner learning rates of
+    `start` times the preset's; from step 2 the warmup has raised the scale, and the metrics say so."""
+    start = 0.1
+    warmup = dataclasses.replace(run_config, steps=2, workdir=str(tmp_path / "warmup"),
+                                 optimizer=dataclasses.replace(run_config.optimizer, ttt_inner_lr_warmup_steps=4,
+                                                               ttt_inner_lr_warmup_start=start))
+    low_lr_model = dataclasses.replace(MICRO_MODEL, ttt_linear_base_lr=start * MICRO_MODEL.ttt_linear_base_lr,
+                                       ttt_mlp_base_lr=start * MICRO_MODEL.ttt_mlp_base_lr)
+    low_lr = dataclasses.replace(run_config, steps=2, workdir=str(tmp_path / "low"), model=low_lr_model)
+    warmed, constant = loop.train(warmup), loop.train(low_lr)
+    np.testing.assert_allclose(warmed.losses[1], constant.losses[1], rtol=1e-6)
+    assert warmed.losses[2] != pytest.approx(constant.losses[2], rel=1e-5)
+    with open(os.path.join(warmup.workdir, "metrics.jsonl")) as f:
+        scales = [record["inner_lr_scale"] for record in map(json.loads, f)]
+    assert scales == pytest.approx([start, start + (1 - start) / 4])
 
 
 def test_restore_onto_a_different_mesh_and_from_a_params_export(trained, tmp_path):

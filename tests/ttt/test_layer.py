@@ -66,6 +66,17 @@ def test_prefill_then_decode_continues_the_full_forward(inner, backbone, prompt_
         np.testing.assert_allclose(y_t, full[:, t], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+def test_inner_lr_scale_is_a_scaled_base_learning_rate(inner):
+    """layer(x, s) is the same layer built with base_lr * s: the warmup only rescales eta."""
+    x = inputs(2 * MINI_BATCH + 1)
+    layer = make_layer(inner)
+    scaled_config = make_layer(inner, base_lr=0.3 * layer.config.base_lr)
+    y = nnx.jit(lambda layer, x, scale: layer(x, scale))(layer, x, jnp.float32(0.3))
+    np.testing.assert_allclose(y, forward(scaled_config, x), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(y, forward(layer, x), rtol=1e-3, atol=1e-5)  # the scale matters at all
+
+
 def test_state_size_does_not_depend_on_context():
     layer = make_layer("mlp")
     shapes = [jax.tree.map(jnp.shape, nnx.eval_shape(lambda m, x: m.prefill(x)[1], layer, inputs(n))) for n in (5, 37)]
