@@ -90,7 +90,8 @@ class OptimizerConfig:
         if self.ttt_inner_lr_warmup_steps < 0:
             raise ValueError(f"ttt_inner_lr_warmup_steps={self.ttt_inner_lr_warmup_steps}; expected >= 0")
         if not 0.0 <= self.ttt_inner_lr_warmup_start <= 1.0:
-            raise ValueError(f"ttt_inner_lr_warmup_start={self.ttt_inner_lr_warmup_start}; expected a fraction in [0, 1]")
+            raise ValueError(f"ttt_inner_lr_warmup_start={self.ttt_inner_lr_warmup_start}; "
+                             "expected a fraction in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)

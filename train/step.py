@@ -50,8 +50,8 @@ def train_step(model: LM, optimizer: nnx.Optimizer, tokens: jax.Array,
                inner_lr_scale: jax.Array | float = 1.0) -> dict[str, jax.Array]:
     """One optimizer update from `tokens` int32 [micro_batches, batch, seq + 1].
 
-    `inner_lr_scale` multiplies the TTT layers' inner learning rate (the inner-LR warmup); pass it as
-    an array so that a new value does not recompile.
+    `inner_lr_scale` multiplies the TTT layers' inner learning rate (the inner-LR warmup); it is
+    traced, so a new value each step does not recompile.
 
     Gradients of the micro-batches are averaged (gradient accumulation) before one update; a
     non-finite gradient skips the update (optax.apply_if_finite) and `finite` reports it.
