@@ -1,7 +1,7 @@
 """Per-token decode latency and cache bytes against context length, for tiny models on CPU.
 
 For each model and context N (1K, 4K, 16K, 64K tokens) the cache is put in the state it has after
-N tokens, then `steps` tokens are decoded by a jitted `lax.scan` of `LM.decode_step` (the hot
+N tokens, then `steps` tokens are decoded by a jitted `lax.scan` of one-token `LM.extend` calls (the hot
 loop of `ttt.models.generate`); latency per token is the median over `repeats` timed runs after
 a warm-up (compilation) run.
 
@@ -45,8 +45,9 @@ PREFIX = 64
 
 def advance_cache(config, cache, context: int, rng: jax.Array):
     """The cache after `PREFIX` real tokens, advanced to position `context` (see module docstring)."""
-    layers = []
-    for mixer, state in zip(config.pattern, cache["layers"]):
+    (stage,) = config.model_stages
+    blocks = []
+    for mixer, state in zip(stage.pattern, cache["stages"][0]):
         if mixer in ("attention", "swa"):
             state = dict(state, position=jnp.full_like(state["position"], context))
         if mixer == "attention":
@@ -55,14 +56,14 @@ def advance_cache(config, cache, context: int, rng: jax.Array):
                 filled = state[name].at[:, :, PREFIX:context].set(
                     jax.random.normal(key, state[name][:, :, PREFIX:context].shape, state[name].dtype))
                 state[name] = filled
-        layers.append(state)
-    return {"position": jnp.asarray(context, jnp.int32), "layers": tuple(layers)}
+        blocks.append(state)
+    return {"stages": [blocks]}
 
 
 def prepare(name: str, context: int, steps: int, repeats: int):
     """(jitted decode of `steps` tokens, its parameters, the cache at `context`, the tokens to feed)."""
     config = configs.get(name)
-    if "attention" in config.pattern:
+    if "attention" in config.mixers:
         # The baseline KV cache is allocated for the context at hand plus the timed tokens.
         config = dataclasses.replace(config, max_seq_len=context + steps * (repeats + 1))
     for length in (config.mini_batch_size, config.sliding_window or 1):
@@ -70,15 +71,15 @@ def prepare(name: str, context: int, steps: int, repeats: int):
             raise ValueError(f"context {context} and prefix {PREFIX} must be multiples of {length} for {name}")
     graphdef, params = nnx.split(LM(config, rngs=nnx.Rngs(0)))
     prompt = jax.random.randint(jax.random.key(1), (1, PREFIX), 0, config.vocab_size)
-    _, cache = jax.jit(lambda params, ids: nnx.merge(graphdef, params).prefill(ids))(params, prompt)
+    _, cache = jax.jit(lambda params, ids: nnx.merge(graphdef, params).extend(ids))(params, prompt)
     cache = advance_cache(config, cache, context, jax.random.key(2))
 
     @functools.partial(jax.jit, donate_argnums=1)
     def decode(params, cache, tokens):
         @nnx.scan(in_axes=(None, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
         def one_step(model, cache, token):
-            logits, cache = model.decode_step(token, cache)
-            return cache, logits[:, 0]
+            logits, cache = model.extend(token[:, None], cache)
+            return cache, logits[:, 0, 0]
         return one_step(nnx.merge(graphdef, params), cache, tokens)
 
     tokens = jax.random.randint(jax.random.key(3), (steps, 1), 0, config.vocab_size)

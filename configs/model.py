@@ -13,11 +13,33 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable", "dots_wit
 
 
 @dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """A stage: a layer pattern repeated `repeats` times, stacked and scanned (compiled once, whatever the depth).
+
+    Attributes:
+      layer_pattern: comma-separated mixers of one repetition, e.g. `"swa,swa,swa,ttt_mlp"`.
+      repeats: repetitions of the pattern.
+    """
+
+    layer_pattern: str
+    repeats: int
+
+    @property
+    def pattern(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.layer_pattern.split(","))
+
+    @property
+    def num_layers(self) -> int:
+        return self.repeats * len(self.pattern)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only LM: embeddings, `num_layers` pre-norm residual blocks, final RMSNorm, logits.
 
     Each block is `x + mixer(norm(x))` then `x + swiglu(norm(x))`; the mixer of layer i is
-    `mixers[i]`, the comma-separated `layer_pattern` repeated to the depth.
+    `mixers[i]`. The blocks form a sequence of stages, each a pattern repeated and scanned; by
+    default one stage, the comma-separated `layer_pattern` repeated to the depth.
 
     Attributes:
       vocab_size: number of token ids.
@@ -29,6 +51,8 @@ class ModelConfig:
       mlp_hidden_size: hidden width of the SwiGLU MLP.
       layer_pattern: comma-separated mixers out of `attention` (full causal), `swa` (sliding
         window), `ttt_linear`, `ttt_mlp`, e.g. `"swa,swa,swa,ttt_mlp"`.
+      stages: the stages bottom to top, when the model is more than one pattern repeated (then
+        `layer_pattern` is unused and `num_layers` must be their total); empty means one stage.
       sliding_window: keys seen by a `swa` query, itself included (required when the pattern has `swa`).
       max_seq_len: length of the preallocated KV cache of full-attention layers (the most tokens a
         model with `attention` layers can decode); TTT and `swa` layers have no such limit.
@@ -58,6 +82,7 @@ class ModelConfig:
     mlp_hidden_size: int
     num_kv_heads: int | None = None
     layer_pattern: str = "attention"
+    stages: tuple[StageConfig, ...] = ()
     sliding_window: int | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = True
@@ -78,6 +103,9 @@ class ModelConfig:
     remat: bool | str = False
 
     def __post_init__(self):
+        # Stages read back from JSON (a checkpoint's config) arrive as lists of dicts.
+        object.__setattr__(self, "stages", tuple(s if isinstance(s, StageConfig) else StageConfig(**s)
+                                                 for s in self.stages))
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_hidden_size",
                      "max_seq_len", "mini_batch_size", "loss_chunk_size"):
             if getattr(self, name) < 1:
@@ -86,15 +114,20 @@ class ModelConfig:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-        pattern = self.pattern
-        unknown = [m for m in pattern if m not in MIXERS]
-        if unknown or not pattern:
-            raise ValueError(f"layer_pattern={self.layer_pattern!r} has unknown mixers {unknown}; expected "
-                             f"comma-separated names out of {MIXERS}")
-        if self.num_layers % len(pattern):
-            raise ValueError(f"num_layers={self.num_layers} is not a multiple of the {len(pattern)} layers of "
+        for stage in self.stages or (StageConfig(self.layer_pattern, 1),):
+            unknown = [m for m in stage.pattern if m not in MIXERS]
+            if unknown or not stage.pattern:
+                raise ValueError(f"layer_pattern={stage.layer_pattern!r} has unknown mixers {unknown}; expected "
+                                 f"comma-separated names out of {MIXERS}")
+            if stage.repeats < 1:
+                raise ValueError(f"a stage has repeats={stage.repeats}; expected >= 1")
+        if self.stages and sum(stage.num_layers for stage in self.stages) != self.num_layers:
+            raise ValueError(f"num_layers={self.num_layers} differs from the {sum(s.num_layers for s in self.stages)} "
+                             "layers of the stages")
+        if not self.stages and self.num_layers % len(self.pattern):
+            raise ValueError(f"num_layers={self.num_layers} is not a multiple of the {len(self.pattern)} layers of "
                              f"layer_pattern={self.layer_pattern!r}")
-        if "swa" in pattern and (self.sliding_window is None or self.sliding_window < 1):
+        if "swa" in self.mixers and (self.sliding_window is None or self.sliding_window < 1):
             raise ValueError(f"sliding_window={self.sliding_window} with layer_pattern={self.layer_pattern!r}; "
                              "a positive window is required for 'swa' layers")
         if self.backbone not in ("mamba", "transformer"):
@@ -117,14 +150,14 @@ class ModelConfig:
         return tuple(name.strip() for name in self.layer_pattern.split(","))
 
     @property
-    def num_groups(self) -> int:
-        """Repetitions of the pattern; each repetition is one step of the layer scan."""
-        return self.num_layers // len(self.pattern)
+    def model_stages(self) -> tuple[StageConfig, ...]:
+        """The stages bottom to top: `stages`, or one stage of `layer_pattern` repeated to the depth."""
+        return self.stages or (StageConfig(self.layer_pattern, self.num_layers // len(self.pattern)),)
 
     @property
     def mixers(self) -> tuple[str, ...]:
         """The mixer of every layer, bottom to top."""
-        return self.pattern * self.num_groups
+        return tuple(mixer for stage in self.model_stages for mixer in stage.pattern * stage.repeats)
 
     @property
     def remat_policy_name(self) -> str:
@@ -150,6 +183,8 @@ class ModelConfig:
             rope_theta=self.rope_theta,
             form=self.ttt_form,
             remat_group_size=self.ttt_remat_group_size,
+            init_std=self.init_std,
+            norm_eps=self.norm_eps,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )

@@ -21,6 +21,10 @@ class TTTLayerConfig:
       rope_theta: RoPE base; positions are taken relative to the mini-batch.
       form: how full sequences are computed, `"dual"` (closed form) or `"primal"` (autodiff).
       remat_group_size: mini-batches per rematerialised group in the scan (memory vs recompute).
+      init_std: standard deviation of the normal initialiser of the projections and the inner-LR gate
+        (the model's `init_std`).
+      norm_eps: epsilon of the post-norm (the model's `norm_eps`); the inner LayerNorm's epsilon is part
+        of the inner loss and fixed at 1e-6 (docs/MATH.md).
       dtype: compute dtype of the projections (the inner loop always runs in float32).
       param_dtype: storage dtype of the parameters.
     """
@@ -35,6 +39,8 @@ class TTTLayerConfig:
     rope_theta: float = 10000.0
     form: Literal["dual", "primal"] = "dual"
     remat_group_size: int = 4
+    init_std: float = 0.02
+    norm_eps: float = 1e-6
     dtype: str = "float32"
     param_dtype: str = "float32"
 

@@ -1,17 +1,19 @@
 """Causal self-attention, full or sliding-window, with RoPE, grouped-query heads, optional QK-norm.
 
-Decoding keeps a fixed-size KV cache: full attention preallocates `max_seq_len` entries; a
-sliding-window layer keeps a ring buffer of `window` entries where the token at position p lives
-in slot `p % window`. Keys are stored after RoPE (absolute positions), so the order of the slots
-does not matter to the softmax.
+The state is a KV cache of fixed size: a ring buffer of `window` slots for a sliding-window layer
+and of `max_seq_len` slots for full attention, where the token at position p lives in slot
+`p % slots`. Keys are stored after RoPE (absolute positions), so the order of the slots does not
+matter to the softmax. Full attention is exact as long as no more than `max_seq_len` tokens are read.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from ttt.configs import ModelConfig
+from ttt.context import DEFAULT, Context
 from ttt.models.layers import normal_init, rms_norm
 from ttt.rope import rotary_embedding
 from ttt.sharding import constrain
@@ -32,23 +34,25 @@ def causal_attention(query: jax.Array, key: jax.Array, value: jax.Array, window:
     return jax.nn.dot_product_attention(query, key, value, is_causal=True, local_window_size=local_window)
 
 
-def cached_attention(query: jax.Array, key_cache: jax.Array, value_cache: jax.Array, filled: jax.Array) -> jax.Array:
-    """One query token per sequence against a KV cache.
+def attention_after_cache(query: jax.Array, key: jax.Array, value: jax.Array, key_positions: jax.Array,
+                          query_positions: jax.Array, window: int) -> jax.Array:
+    """Queries against keys given with their positions (negative: an empty cache slot).
 
     Args:
-      query: [batch, 1, heads, head_dim].
-      key_cache, value_cache: [batch, slots, kv_heads, head_dim].
-      filled: [slots] bool, the slots holding a key the query may read.
+      query: [batch, q_len, heads, head_dim]; key, value: [batch, kv_len, kv_heads, head_dim].
+      key_positions: int [kv_len]; query_positions: int [q_len].
+      window: a query at position p reads the keys at positions p - window + 1 ... p.
     Returns:
-      [batch, 1, heads, head_dim].
+      [batch, q_len, heads, head_dim].
     """
-    mask = filled[None, None, None, :]
-    return jax.nn.dot_product_attention(query, key_cache, value_cache, mask=mask)
+    distance = query_positions[:, None] - key_positions[None, :]
+    mask = (key_positions[None, :] >= 0) & (distance >= 0) & (distance < window)
+    return jax.nn.dot_product_attention(query, key, value, mask=mask[None, None])
 
 
 class Attention(nnx.Module):
     """Multi-head causal self-attention; a sequence mixer with the TTT layer's interface
-    (`__call__`, `prefill`, `init_state`, `step`).
+    (`extend`, `init_state`, `state_axes`, `__call__`).
 
     Args:
       config: model config (sizes, RoPE base, QK-norm, dtypes, `max_seq_len`).
@@ -75,6 +79,53 @@ class Attention(nnx.Module):
         else:
             self.query_norm = self.key_norm = None
 
+    def __call__(self, x: jax.Array, context: Context = DEFAULT) -> jax.Array:
+        """x: [batch, seq, embed] -> [batch, seq, embed], from an empty cache."""
+        return self.extend(x, None, context)[0]
+
+    def extend(self, x: jax.Array, state: dict | None = None, context: Context = DEFAULT) -> tuple[jax.Array, dict]:
+        """Reads x [batch, seq, embed] after the tokens in the cache `state` (None: empty) ->
+        (y [batch, seq, embed], cache after x). Attention learns nothing at test time: `context` is unused.
+
+        From an empty cache, full attention reads at most `max_seq_len` tokens (a clear error); from a
+        cache, positions past it overwrite the oldest slots (callers such as `generate` check lengths).
+        """
+        del context
+        batch, seq = x.shape[:2]
+        if state is None:
+            if self.window is None and seq > self.cache_size:
+                raise ValueError(f"{seq} tokens exceed max_seq_len={self.cache_size} of full attention")
+            query, key, value = self._project(x, jnp.arange(seq))
+            attended = causal_attention(query, key, value, self.window)
+            return self._output(attended), self._cache_of(key, value)
+        position = state["position"]
+        query, key, value = self._project(x, position + jnp.arange(seq))
+        if seq == 1:
+            return self._decode_one(query, key, value, state)
+        # Previous keys in chronological order (positions position - slots ... position - 1), then x's.
+        slots = self.cache_size
+        previous = position - slots + jnp.arange(slots)
+        ordered = lambda cache: jnp.take(cache, previous % slots, axis=1).astype(key.dtype)
+        keys = jnp.concatenate([ordered(state["key"]), key], axis=1)
+        values = jnp.concatenate([ordered(state["value"]), value], axis=1)
+        key_positions = jnp.concatenate([previous, position + jnp.arange(seq)])
+        attended = attention_after_cache(query, keys, values, key_positions, position + jnp.arange(seq),
+                                         self.window or slots)
+        # The last `slots` keys become the cache, rolled so that position p sits in slot p % slots.
+        ring = lambda a: jnp.roll(a[:, -slots:], (position + seq) % slots, axis=1).astype(self.config.dtype)
+        return self._output(attended), {"key": ring(keys), "value": ring(values), "position": position + seq}
+
+    def init_state(self, batch: int) -> dict:
+        """Empty KV cache: key/value [batch, slots, kv_heads, head_dim], position (tokens read) 0."""
+        shape = (batch, self.cache_size, self.config.kv_heads, self.config.head_dim)
+        return {"key": jnp.zeros(shape, self.config.dtype), "value": jnp.zeros(shape, self.config.dtype),
+                "position": np.zeros((), np.int32)}
+
+    def state_axes(self) -> dict:
+        """Logical axis names of every array of the cache."""
+        kv = P("batch", None, "kv_heads", "head_dim")
+        return {"key": kv, "value": kv, "position": P()}
+
     def _project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [batch, seq, embed], positions: [seq] -> query [b, s, heads, d], key/value [b, s, kv_heads, d]."""
         query, key, value = self.query(x), self.key(x), self.value(x)
@@ -91,51 +142,24 @@ class Attention(nnx.Module):
         attended = constrain(attended, ("batch", "seq", "heads", "head_dim"))
         return constrain(self.out(attended), ("batch", "seq", "embed"))
 
-    def __call__(self, x: jax.Array, inner_lr_scale: jax.Array | float = 1.0) -> jax.Array:
-        """x: [batch, seq, embed] -> [batch, seq, embed].
-
-        Attention learns nothing at test time; `inner_lr_scale` is accepted for the common mixer
-        interface and has no effect.
-        """
-        del inner_lr_scale
-        query, key, value = self._project(x, jnp.arange(x.shape[1]))
-        return self._output(causal_attention(query, key, value, self.window))
-
-    def init_state(self, batch: int) -> dict[str, jax.Array]:
-        """Empty KV cache: key/value [batch, cache_size, kv_heads, head_dim], position (tokens read) 0."""
-        shape = (batch, self.cache_size, self.config.kv_heads, self.config.head_dim)
-        return {"key": jnp.zeros(shape, self.config.dtype), "value": jnp.zeros(shape, self.config.dtype),
-                "position": jnp.zeros((), jnp.int32)}
-
-    def prefill(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """x: [batch, seq, embed] -> (the same output as `__call__`, the KV cache after reading x)."""
-        batch, seq = x.shape[:2]
-        if self.window is None and seq > self.cache_size:
-            raise ValueError(f"prefill of {seq} tokens exceeds max_seq_len={self.cache_size} of full attention")
-        query, key, value = self._project(x, jnp.arange(seq))
-        output = self._output(causal_attention(query, key, value, self.window))
-        # Only the last cache_size tokens survive; token p goes to slot p % cache_size.
+    def _cache_of(self, key: jax.Array, value: jax.Array) -> dict:
+        """The cache after reading a whole sequence from empty: its last `slots` tokens, token p in slot p % slots."""
+        batch, seq = key.shape[:2]
         kept = np.arange(max(0, seq - self.cache_size), seq)
         state = self.init_state(batch)
-        state = {"key": state["key"].at[:, kept % self.cache_size].set(key[:, kept].astype(self.config.dtype)),
-                 "value": state["value"].at[:, kept % self.cache_size].set(value[:, kept].astype(self.config.dtype)),
-                 "position": jnp.asarray(seq, jnp.int32)}
-        return output, state
+        return {"key": state["key"].at[:, kept % self.cache_size].set(key[:, kept].astype(self.config.dtype)),
+                "value": state["value"].at[:, kept % self.cache_size].set(value[:, kept].astype(self.config.dtype)),
+                "position": jnp.asarray(seq, jnp.int32)}
 
-    def step(self, x: jax.Array, state: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """One token per sequence. x: [batch, embed] -> ([batch, embed], state after it).
-
-        A full-attention cache holds `max_seq_len` tokens; stepping past that overwrites the
-        oldest entries (callers such as `generate` check the length before decoding).
-        """
+    def _decode_one(self, query, key, value, state):
+        """One token per sequence: written into its slot, then attending to every filled slot."""
         position = state["position"]
-        query, key, value = self._project(x[:, None, :], position[None])
         slot = position % self.cache_size
         key_cache = jax.lax.dynamic_update_slice_in_dim(state["key"], key.astype(state["key"].dtype), slot, axis=1)
         value_cache = jax.lax.dynamic_update_slice_in_dim(state["value"], value.astype(state["value"].dtype), slot,
                                                           axis=1)
         # Slot s has been written once position >= s; in a ring buffer that holds all slots after wrap-around.
         filled = jnp.arange(self.cache_size) <= position
-        attended = cached_attention(query, key_cache.astype(query.dtype), value_cache.astype(query.dtype), filled)
-        output = self._output(attended)[:, 0, :]
-        return output, {"key": key_cache, "value": value_cache, "position": position + 1}
+        attended = jax.nn.dot_product_attention(query, key_cache.astype(query.dtype), value_cache.astype(query.dtype),
+                                                mask=filled[None, None, None, :])
+        return self._output(attended), {"key": key_cache, "value": value_cache, "position": position + 1}

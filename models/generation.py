@@ -1,4 +1,4 @@
-"""Sampling and generation: prefill the prompt once, then a jitted `lax.scan` of decode steps."""
+"""Sampling and generation: read the prompt once, then a jitted `lax.scan` of one-token reads."""
 
 import functools
 
@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ttt.models.inputs import check_token_ids
 from ttt.models.lm import LM
 
 
@@ -50,16 +51,16 @@ def sample(logits: jax.Array, rng: jax.Array, *, temperature: float = 1.0, top_k
 def _generate_new_tokens(model: LM, prompt_ids: jax.Array, rng: jax.Array, *, max_new_tokens: int,
                          temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
     draw = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
-    logits, cache = model.prefill(prompt_ids)
+    logits, cache = model.extend(prompt_ids)
     rng, key = jax.random.split(rng)
     first = draw(logits[:, -1, :], key)
 
     @nnx.scan(in_axes=(None, nnx.Carry), out_axes=(nnx.Carry, 0), length=max_new_tokens - 1)
     def decode(model: LM, carry):
         token, cache, rng = carry
-        logits, cache = model.decode_step(token, cache)
+        logits, cache = model.extend(token[:, None], cache)
         rng, key = jax.random.split(rng)
-        return (draw(logits, key), cache, rng), token
+        return (draw(logits[:, 0], key), cache, rng), token
 
     (last, _, _), tokens = decode(model, (first, cache, rng))
     return jnp.concatenate([tokens.T, last[:, None]], axis=1)
@@ -69,8 +70,8 @@ def generate(model: LM, prompt_ids: jax.Array, max_new_tokens: int, *, temperatu
              top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None) -> jax.Array:
     """Continues every prompt by `max_new_tokens` sampled tokens.
 
-    The prompt is read once with `model.prefill`; the new tokens come from a `lax.scan` of
-    `model.decode_step` under one `nnx.jit` (compiled once per shape and sampling setting).
+    The prompt is read once with `model.extend`; the new tokens come from a `lax.scan` of one-token
+    `model.extend` calls under one `nnx.jit` (compiled once per shape and sampling setting).
 
     Args:
       model: the LM.
@@ -81,14 +82,15 @@ def generate(model: LM, prompt_ids: jax.Array, max_new_tokens: int, *, temperatu
     Returns:
       int32 [batch, prompt + max_new_tokens]: the prompt followed by the new tokens.
     """
+    check_token_ids(prompt_ids, model.config.vocab_size, name="prompt_ids")
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-    if prompt_ids.ndim != 2 or prompt_ids.shape[1] < 1:
+    if prompt_ids.shape[1] < 1:
         raise ValueError(f"prompt_ids of shape {prompt_ids.shape}; expected [batch, prompt] with prompt >= 1")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 0")
     config = model.config
     total = prompt_ids.shape[1] + max_new_tokens
-    if "attention" in config.pattern and total > config.max_seq_len:
+    if "attention" in config.mixers and total > config.max_seq_len:
         raise ValueError(f"prompt of {prompt_ids.shape[1]} + {max_new_tokens} new tokens exceeds "
                          f"max_seq_len={config.max_seq_len} of the full-attention KV cache")
     if max_new_tokens == 0:

@@ -11,8 +11,10 @@ from ttt.models.lm import LM
 
 
 def abstract_model(config: ModelConfig) -> LM:
-    """The model with shape-only parameters (`nnx.eval_shape`): nothing is allocated."""
-    return nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
+    """The LM's structure, shapes and logical axis names (`nnx.eval_shape`), without computing or placing
+    any array."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
 
 
 def count_parameters(config: ModelConfig) -> int:
@@ -28,14 +30,15 @@ def describe(name: str) -> str:
     lines = [
         f"preset:          {name}",
         f"parameters:      {count:,} ({count / 1e6:.1f}M)",
-        f"layers:          {config.num_layers} x ({config.layer_pattern}), scanned as {config.num_groups} groups",
+        "layers:          " + " + ".join(f"{stage.repeats} x ({stage.layer_pattern})" for stage in config.model_stages)
+        + f" = {config.num_layers}, scanned per stage",
         f"hidden / heads:  {config.hidden_size} / {config.num_heads} (kv heads {config.kv_heads}, head dim "
         f"{config.head_dim}), mlp {config.mlp_hidden_size}",
         f"vocab:           {config.vocab_size} ({'tied' if config.tie_embeddings else 'untied'} embeddings)",
     ]
-    if any(mixer.startswith("ttt") for mixer in config.pattern):
+    if any(mixer.startswith("ttt") for mixer in config.mixers):
         lines.append(f"ttt:             {config.backbone} backbone, mini-batch {config.mini_batch_size}")
-    if "swa" in config.pattern:
+    if "swa" in config.mixers:
         lines.append(f"sliding window:  {config.sliding_window}")
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""`LM`: embeddings, a stack of pre-norm blocks scanned one pattern repetition at a time, final norm, logits."""
+"""`LM`: embeddings, stages of scanned pre-norm blocks, final norm, logits; one forward that reads from a cache."""
 
 from typing import Any
 
@@ -7,14 +7,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt.configs import ModelConfig
-from ttt.models.blocks import BlockGroup
+from ttt.context import DEFAULT, Context
+from ttt.models import stages as stages_lib
+from ttt.models.inputs import check_token_ids
 from ttt.models.layers import normal_init, rms_norm
 from ttt.models.loss import chunked_cross_entropy, project_to_vocab
 from ttt.sharding import constrain
-
-# Stacked layers: every parameter of the scanned groups gets a leading axis with the logical name
-# "layers" (the logical axis rules decide its mesh axis; normally none).
-LAYER_AXIS_METADATA = {nnx.PARTITION_NAME: "layers"}
 
 Cache = dict[str, Any]
 
@@ -22,11 +20,15 @@ Cache = dict[str, Any]
 class LM(nnx.Module):
     """Decoder-only language model built from a `ModelConfig`.
 
-    `model(ids)` gives logits; `model.loss(ids, mask)` the training loss; `prefill` and
-    `decode_step` the cached inference path (`ttt.models.generate` drives them).
-    The cache is `{"position": int32 [], "layers": per-pattern-slot mixer states stacked over the
-    `num_groups` pattern repetitions}`; its size never depends on how many tokens were read,
-    except that full-attention layers preallocate `max_seq_len` entries.
+    One forward, `extend(ids, cache) -> (logits, cache)`: it reads ids after what the cache holds
+    (None: nothing) and returns the cache after them. A prompt is `extend` from None, a decoded token
+    is `extend` of one id, a long document can be read in pieces. `model(ids)` and
+    `model.loss(ids, mask)` are the same forward from the initial state, without keeping a cache.
+
+    The cache is `{"stages": [stacked states of each stage]}`, each stage's a list with one mixer
+    state per block of its pattern, stacked over the pattern's repetitions; `cache_axes()` names
+    the logical axes of every array. Its size never depends on how many tokens were read, except
+    that full-attention layers preallocate `max_seq_len` entries.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -34,13 +36,7 @@ class LM(nnx.Module):
         self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=config.dtype,
                                param_dtype=config.param_dtype, embedding_init=normal_init(config, ("vocab", "embed")),
                                rngs=rngs)
-
-        @nnx.split_rngs(splits=config.num_groups)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYER_AXIS_METADATA)
-        def make_groups(rngs: nnx.Rngs) -> BlockGroup:
-            return BlockGroup(config, rngs=rngs)
-
-        self.groups = make_groups(rngs)
+        self.stages = nnx.List([stages_lib.make_stage(config, stage, rngs) for stage in config.model_stages])
         self.final_norm = rms_norm(config, config.hidden_size, "embed", rngs=rngs)
         if config.tie_embeddings:
             self.head = None
@@ -49,43 +45,36 @@ class LM(nnx.Module):
                                    param_dtype=config.param_dtype, kernel_init=normal_init(config, ("embed", "vocab")),
                                    rngs=rngs)
 
-    def _unembedding(self) -> jax.Array:
-        """[embed, vocab] matrix mapping final hidden states to logits."""
-        if self.head is None:
-            return self.embed.embedding[...].T
-        return self.head.kernel[...]
+    # -- the forward ----------------------------------------------------------------------
 
-    def _embed(self, ids: jax.Array) -> jax.Array:
-        return constrain(self.embed(ids), ("batch", "seq", "embed"))
+    def extend(self, ids: jax.Array, cache: Cache | None = None,
+               context: Context = DEFAULT) -> tuple[jax.Array, Cache]:
+        """ids: int32 [batch, seq] read after `cache` (None: the initial state) ->
+        (logits [batch, seq, vocab] in the compute dtype, cache after ids)."""
+        check_token_ids(ids, self.config.vocab_size)
+        x = self._embed(ids)
+        states = [None] * len(self.stages) if cache is None else cache["stages"]
+        new_states = []
+        for stage, state in zip(self.stages, states):
+            x, state = stages_lib.run_stage(stage, x, state, context)
+            new_states.append(state)
+        return self._logits(self.final_norm(x)), {"stages": new_states}
 
-    def _remat(self, fn):
-        policy = self.config.remat_policy_name
-        if policy == "none":
-            return fn
-        return nnx.remat(fn, policy=None if policy == "full" else getattr(jax.checkpoint_policies, policy))
+    def hidden_states(self, ids: jax.Array, context: Context = DEFAULT) -> jax.Array:
+        """ids: int32 [batch, seq] -> final-normed hidden states [batch, seq, embed], from the initial state,
+        each scanned group rematerialised as `config.remat` says (the training forward)."""
+        check_token_ids(ids, self.config.vocab_size)
+        x = self._embed(ids)
+        for stage in self.stages:
+            x, _ = stages_lib.run_stage(stage, x, None, context, keep_state=False, remat_policy=self._remat_policy())
+        return self.final_norm(x)
 
-    def hidden_states(self, ids: jax.Array, inner_lr_scale: jax.Array | float = 1.0) -> jax.Array:
-        """ids: int32 [batch, seq] -> final-normed hidden states [batch, seq, embed].
-
-        `inner_lr_scale`: a scalar (may be traced) multiplying every TTT layer's inner learning
-        rate; training's inner-LR warmup sets it, everything else leaves it at 1.
-        """
-
-        @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry, transform_metadata=LAYER_AXIS_METADATA)
-        @self._remat
-        def run_group(group: BlockGroup, x: jax.Array, scale: jax.Array) -> jax.Array:
-            return group(x, scale)
-
-        scale = jnp.asarray(inner_lr_scale, jnp.float32)
-        return self.final_norm(run_group(self.groups, self._embed(ids), scale))
-
-    def __call__(self, ids: jax.Array, inner_lr_scale: jax.Array | float = 1.0) -> jax.Array:
+    def __call__(self, ids: jax.Array, context: Context = DEFAULT) -> jax.Array:
         """ids: int32 [batch, seq] -> logits [batch, seq, vocab] in the compute dtype."""
-        hidden = self.hidden_states(ids, inner_lr_scale)
-        return project_to_vocab(hidden, self._unembedding(), hidden.dtype)
+        return self._logits(self.hidden_states(ids, context))
 
     def loss(self, ids: jax.Array, mask: jax.Array | None = None,
-             inner_lr_scale: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
+             context: Context = DEFAULT) -> tuple[jax.Array, jax.Array]:
         """Next-token cross-entropy: positions :-1 predict ids[:, 1:].
 
         Args:
@@ -93,16 +82,17 @@ class LM(nnx.Module):
           mask: optional weights of the predicted tokens, either [batch, seq - 1] (aligned with the
             targets ids[:, 1:]) or [batch, seq] (aligned with ids; column 0 is never a target and
             is dropped). None weights every target 1.
-          inner_lr_scale: multiplies every TTT layer's inner learning rate (see `hidden_states`).
+          context: per-call inputs (the inner-LR scale of training's warmup).
         Returns:
           (loss, per_token_loss): the mask-weighted mean, a float32 scalar (0 when the mask is all
           zero), and the unweighted float32 [batch, seq - 1] losses. The float32 logits are
           computed `loss_chunk_size` positions at a time (never for the whole sequence).
         """
+        check_token_ids(ids, self.config.vocab_size)
         batch, seq = ids.shape
         if seq < 2:
             raise ValueError(f"loss needs sequences of at least 2 tokens; got ids of shape {ids.shape}")
-        hidden = self.hidden_states(ids[:, :-1], inner_lr_scale)
+        hidden = self.hidden_states(ids[:, :-1], context)
         per_token = chunked_cross_entropy(hidden, self._unembedding(), ids[:, 1:], self.config.loss_chunk_size)
         if mask is None:
             return per_token.mean(), per_token
@@ -113,41 +103,32 @@ class LM(nnx.Module):
         weights = mask.astype(jnp.float32)
         return (per_token * weights).sum() / jnp.maximum(weights.sum(), 1e-9), per_token
 
+    # -- the cache ------------------------------------------------------------------------
+
     def init_cache(self, batch: int) -> Cache:
         """The cache before any token has been read."""
+        return {"stages": [stages_lib.init_stage_state(stage, batch) for stage in self.stages]}
 
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata=LAYER_AXIS_METADATA)
-        def init_group(group: BlockGroup):
-            return group.init_state(batch)
+    def cache_axes(self) -> Cache:
+        """Logical axis names (a `PartitionSpec` per array) of the cache, for sharding or restoring it on a mesh."""
+        return {"stages": [stages_lib.stage_state_axes(stage) for stage in self.stages]}
 
-        return {"position": jnp.zeros((), jnp.int32), "layers": init_group(self.groups)}
+    # -- pieces ---------------------------------------------------------------------------
 
-    def prefill(self, ids: jax.Array) -> tuple[jax.Array, Cache]:
-        """ids: int32 [batch, seq] -> (logits [batch, seq, vocab] as `__call__`, cache after reading ids)."""
+    def _unembedding(self) -> jax.Array:
+        """[embed, vocab] matrix mapping final hidden states to logits."""
+        if self.head is None:
+            return self.embed.embedding[...].T
+        return self.head.kernel[...]
 
-        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=(nnx.Carry, 0), transform_metadata=LAYER_AXIS_METADATA)
-        def run_group(group: BlockGroup, x: jax.Array):
-            return group.prefill(x)
+    def _embed(self, ids: jax.Array) -> jax.Array:
+        return constrain(self.embed(ids), ("batch", "seq", "embed"))
 
-        x, states = run_group(self.groups, self._embed(ids))
-        hidden = self.final_norm(x)
-        logits = project_to_vocab(hidden, self._unembedding(), hidden.dtype)
-        return logits, {"position": jnp.asarray(ids.shape[1], jnp.int32), "layers": states}
+    def _logits(self, hidden: jax.Array) -> jax.Array:
+        return project_to_vocab(hidden, self._unembedding(), hidden.dtype)
 
-    def decode_step(self, token: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-        """token: int32 [batch], the next token of every sequence -> (logits [batch, vocab], next cache)."""
-
-        # The stacked states are carried and each group's slice is written back in place; scanning
-        # them as inputs/outputs instead would copy every KV cache once more per token.
-        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata=LAYER_AXIS_METADATA)
-        def step_group(group: BlockGroup, carry):
-            x, states, index = carry
-            x, group_states = group.step(x, jax.tree.map(lambda stacked: stacked[index], states))
-            states = jax.tree.map(lambda stacked, new: stacked.at[index].set(new), states, group_states)
-            return x, states, index + 1
-
-        x = self._embed(token[:, None])[:, 0, :]
-        x, states, _ = step_group(self.groups, (x, cache["layers"], jnp.zeros((), jnp.int32)))
-        hidden = self.final_norm(x)[:, None, :]
-        logits = project_to_vocab(hidden, self._unembedding(), hidden.dtype)[:, 0, :]
-        return logits, {"position": cache["position"] + 1, "layers": states}
+    def _remat_policy(self):
+        policy = self.config.remat_policy_name
+        if policy in ("none", "full"):
+            return None if policy == "none" else "full"
+        return getattr(jax.checkpoint_policies, policy)

@@ -1,7 +1,6 @@
 """The compiled steps: model creation directly sharded, one training update, per-token evaluation losses."""
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -10,18 +9,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ttt.configs import ModelConfig
+from ttt.context import Context
 from ttt.models import LM
+from ttt.models.info import abstract_model, count_parameters  # noqa: F401 (step.count_parameters)
 from ttt.train import mesh as mesh_lib
-
-
-def abstract_model(config: ModelConfig) -> LM:
-    """The LM's structure, shapes and logical axis names, without computing or placing any array."""
-    with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
-
-
-def count_parameters(config: ModelConfig) -> int:
-    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(abstract_model(config), nnx.Param)))
 
 
 def create_model(config: ModelConfig, mesh: Mesh, seed: int) -> LM:
@@ -60,7 +51,7 @@ def train_step(model: LM, optimizer: nnx.Optimizer, tokens: jax.Array,
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss_of(params, micro_batch):
-        loss, _ = nnx.merge(graphdef, params, rest).loss(micro_batch, inner_lr_scale=inner_lr_scale)
+        loss, _ = nnx.merge(graphdef, params, rest).loss(micro_batch, context=Context(inner_lr_scale=inner_lr_scale))
         return loss
 
     def accumulate(grad_sum, micro_batch):

@@ -10,34 +10,40 @@
   z = ttt_linear / ttt_mlp (q, k, v, eta; W0, inner LN)             (fast weights read the sequence)
   y = o_proj(gate * post_norm(z))                                   (gate = gelu(x W_g), mamba only)
 
-Decoding keeps a state whose size does not depend on the context: the inner loop's step state
-and, for the mamba backbone, the last conv_kernel - 1 q/k projections.
+`extend(x, state, context)` is the one forward: it reads x from a state (the initial one when None)
+and returns the state after it, whose size does not depend on the context: the inner loop's decode
+state and, for the mamba backbone, the last conv_kernel - 1 q/k projections.
 """
 
-import functools
+import types
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from ttt import ops
 from ttt.configs import TTTLayerConfig
+from ttt.context import DEFAULT, Context
 from ttt.inner_models import LINEAR, MLP, gelu
 from ttt.rope import rotary_embedding
 from ttt.sharding import constrain, partitioned
 
-_INNER = {"linear": (LINEAR, ops.ttt_linear, ops.ttt_linear_step), "mlp": (MLP, ops.ttt_mlp, ops.ttt_mlp_step)}
-_INIT_STD = 0.02
+_INNER = {
+    "linear": types.SimpleNamespace(model=LINEAR, step=ops.ttt_linear_step, extend=ops.ttt_linear_extend),
+    "mlp": types.SimpleNamespace(model=MLP, step=ops.ttt_mlp_step, extend=ops.ttt_mlp_extend),
+}
 
 
-def causal_depthwise_conv(x: jax.Array, weight: jax.Array, bias: jax.Array) -> jax.Array:
-    """y_t = bias + sum_j weight[j] * x_{t - K + 1 + j}, zero before the sequence start.
+def causal_depthwise_conv(x: jax.Array, weight: jax.Array, bias: jax.Array, history: jax.Array) -> jax.Array:
+    """y_t = bias + sum_j weight[j] * x_{t - K + 1 + j}, reading the K - 1 inputs before x from `history`.
 
     Args:
-      x: [batch, seq, heads, head_dim]; weight: [K, heads, head_dim]; bias: [heads, head_dim].
+      x: [batch, seq, *channels]; weight: [K, *channels]; bias: [*channels].
+      history: [batch, K - 1, *channels], the inputs before x (zeros at the start of a sequence).
     """
     kernel, seq_len = weight.shape[0], x.shape[1]
-    padded = jnp.pad(x, [(0, 0), (kernel - 1, 0), (0, 0), (0, 0)])
+    padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)
     return bias + sum(weight[j] * padded[:, j:j + seq_len] for j in range(kernel))
 
 
@@ -48,7 +54,7 @@ class TTTLayer(nnx.Module):
         self.config = config
         heads, head_dim, width = config.num_heads, config.head_dim, config.hidden_size
         dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
-        normal = nnx.initializers.normal(_INIT_STD)
+        normal = nnx.initializers.normal(config.init_std)
 
         def project_in():
             return nnx.LinearGeneral(width, (heads, head_dim), use_bias=False, dtype=dtype, param_dtype=param_dtype,
@@ -74,7 +80,7 @@ class TTTLayer(nnx.Module):
         self.lr_bias = param(nnx.initializers.zeros, (heads,), ("heads",))
         self.token_scale_offset = param(nnx.initializers.zeros, (config.mini_batch_size,), (None,))
 
-        inner_model = _INNER[config.inner][0]
+        inner_model = _INNER[config.inner].model
         initial = jax.vmap(lambda key: inner_model.init(key, head_dim))(jax.random.split(rngs.params(), heads))
         self.fast_weights = nnx.Dict({
             name: param(lambda key, shape, dtype, value=value: value.astype(dtype), value.shape,
@@ -83,94 +89,72 @@ class TTTLayer(nnx.Module):
         })
         self.inner_ln_weight = param(nnx.initializers.ones, (heads, head_dim), ("heads", "head_dim"))
         self.inner_ln_bias = param(nnx.initializers.zeros, (heads, head_dim), ("heads", "head_dim"))
-        self.post_norm = nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
+        self.post_norm = nnx.LayerNorm(width, epsilon=config.norm_eps, dtype=dtype, param_dtype=param_dtype,
                                        scale_init=partitioned(nnx.initializers.ones, ("embed",)),
                                        bias_init=partitioned(nnx.initializers.zeros, ("embed",)), rngs=rngs)
         self.o_proj = nnx.LinearGeneral((heads, head_dim), width, axis=(-2, -1), use_bias=False, dtype=dtype,
                                         param_dtype=param_dtype,
                                         kernel_init=partitioned(normal, ("heads", "head_dim", "embed")), rngs=rngs)
 
-    # -- full sequences -------------------------------------------------------------------
+    # -- the forward ----------------------------------------------------------------------
 
-    def __call__(self, x: jax.Array, inner_lr_scale: jax.Array | float = 1.0) -> jax.Array:
-        """x: [batch, seq, embed] -> [batch, seq, embed].
+    def __call__(self, x: jax.Array, context: Context = DEFAULT) -> jax.Array:
+        """x: [batch, seq, embed] -> [batch, seq, embed], read from the initial state."""
+        return self.extend(x, None, context)[0]
 
-        `inner_lr_scale` (a scalar, may be traced) multiplies the inner learning rate: the
-        inner-LR warmup of training sets it below 1 for the first steps.
-        """
-        q, k, v, eta = self._project(x, jnp.arange(x.shape[1]), inner_lr_scale)
-        z, _ = self._mix_sequence(q, k, v, eta)
-        return self._output(z, x)
+    def extend(self, x: jax.Array, state: dict | None = None, context: Context = DEFAULT) -> tuple[jax.Array, dict]:
+        """Reads x [batch, seq, embed] from `state` (None: the initial state) -> (y [batch, seq, embed], state after x).
 
-    def prefill(self, x: jax.Array):
-        """Like `__call__`, and also returns the decode state after reading all of `x`.
-
-        The whole mini-batches go through the sequence form, whose final weights start the decode
-        state; the tokens of a trailing partial mini-batch then go through the step form, so the
-        state continues exactly where `__call__` would.
+        The state may sit anywhere inside a mini-batch; reading a then b equals reading a + b. One token
+        from a state takes the O(1) step form; more tokens take the sequence form (ttt.continuation).
         """
         batch, seq_len, _ = x.shape
-        b = self.config.mini_batch_size
-        whole = seq_len // b * b
-        q, k, v, eta = self._project(x, jnp.arange(seq_len))
-        state = self.init_state(batch)
-        outputs = []
-        if whole:
-            z, final_params = self._mix_sequence(*(a[:, :, :whole] for a in (q, k, v, eta)))
-            state["ttt"] = ops.init_decode_state(final_params)
-            outputs.append(z)
-        if whole < seq_len:
-            z, state["ttt"] = self._mix_steps(*(a[:, :, whole:] for a in (q, k, v, eta)), state["ttt"])
-            outputs.append(z)
+        state = self.init_state(batch) if state is None else dict(state)
+        x = constrain(x, ("batch", "seq", "embed"))
         if self.config.backbone == "mamba":
-            state["conv"] = self._conv_window(self.qk_proj(x), state["conv"])
-        return self._output(jnp.concatenate(outputs, axis=2), x), state
+            qk = self.qk_proj(x)
+            history = state["conv"]
+            q = causal_depthwise_conv(qk, self.conv_q_weight[...], self.conv_q_bias[...], history)
+            k = causal_depthwise_conv(qk, self.conv_k_weight[...], self.conv_k_bias[...], history)
+            state["conv"] = jnp.concatenate([history, qk.astype(history.dtype)], axis=1)[:, seq_len:]
+        else:
+            q, k = self.q_proj(x), self.k_proj(x)
+        position = state["ttt"]["position"]
+        q, k, v, eta = self._finish_projection(x, q, k, (position + jnp.arange(seq_len)) % self.config.mini_batch_size,
+                                               context.inner_lr_scale)
+        c = self.config
+        inner = dict(ln_weight=self.inner_ln_weight[...], ln_bias=self.inner_ln_bias[...],
+                     mini_batch_size=c.mini_batch_size, token_scale=self._token_scale())
+        if seq_len == 1:
+            z, state["ttt"] = _INNER[c.inner].step(*(a[:, :, 0] for a in (q, k, v, eta)), state["ttt"], **inner)
+            z = z[:, :, None]
+        else:
+            z, state["ttt"] = _INNER[c.inner].extend(q, k, v, eta, state["ttt"], form=c.form,
+                                                     remat_group_size=c.remat_group_size, **inner)
+        return self._output(z, x), state
 
-    # -- decoding -------------------------------------------------------------------------
+    # -- state ----------------------------------------------------------------------------
 
     def init_state(self, batch: int) -> dict:
-        """Decode state before any token: `{"ttt": inner-loop state, "conv": [batch, K-1, heads, head_dim]}`."""
+        """State before any token: `{"ttt": {"params", "grad_sum", "position"}}` (the inner loop's decode
+        state, see ttt.ops) and, for the mamba backbone, `"conv"`: the last conv_kernel - 1 q/k
+        projections [batch, K-1, heads, head_dim]."""
         state = {"ttt": ops.init_decode_state(self._initial_fast_weights(batch))}
         if self.config.backbone == "mamba":
             c = self.config
             state["conv"] = jnp.zeros((batch, c.conv_kernel - 1, c.num_heads, c.head_dim), jnp.dtype(c.dtype))
         return state
 
-    def step(self, x_t: jax.Array, state: dict):
-        """One token. `x_t: [batch, embed]` -> (`y_t: [batch, embed]`, new state)."""
-        state = dict(state)
-        x = x_t[:, None]
-        position = state["ttt"]["position"][None]
+    def state_axes(self) -> dict:
+        """Logical axis names of every array of the state (the structure of `init_state`)."""
+        shapes = _INNER[self.config.inner].model.param_shapes(self.config.head_dim)
+        weights = {name: P("batch", "heads", *(None,) * len(shape)) for name, shape in shapes.items()}
+        axes = {"ttt": {"params": weights, "grad_sum": dict(weights), "position": P()}}
         if self.config.backbone == "mamba":
-            qk = self.qk_proj(x)
-            window = jnp.concatenate([state["conv"], qk], axis=1)
-            state["conv"] = window[:, 1:]
-            q, k = self._conv_qk(window)
-            q, k = q[:, -1:], k[:, -1:]
-        else:
-            q, k = self.q_proj(x), self.k_proj(x)
-        q, k, v, eta = self._finish_projection(x, q, k, position)
-        z, state["ttt"] = self._step_fn()(*(a[:, :, 0] for a in (q, k, v, eta)), state["ttt"])
-        return self._output(z[:, :, None], x)[:, 0], state
+            axes["conv"] = P("batch", None, "heads", "head_dim")
+        return axes
 
     # -- pieces ---------------------------------------------------------------------------
-
-    def _conv_qk(self, qk):
-        return (causal_depthwise_conv(qk, self.conv_q_weight[...], self.conv_q_bias[...]),
-                causal_depthwise_conv(qk, self.conv_k_weight[...], self.conv_k_bias[...]))
-
-    def _conv_window(self, qk, previous):
-        """The last K-1 q/k projections after `qk` [batch, seq, heads, head_dim] follows `previous`."""
-        return jnp.concatenate([previous, qk.astype(previous.dtype)], axis=1)[:, -previous.shape[1]:]
-
-    def _project(self, x, positions, inner_lr_scale=1.0):
-        """x: [batch, seq, embed] -> q, k, v: [batch, heads, seq, head_dim], eta: [batch, heads, seq]."""
-        x = constrain(x, ("batch", "seq", "embed"))
-        if self.config.backbone == "mamba":
-            q, k = self._conv_qk(self.qk_proj(x))
-        else:
-            q, k = self.q_proj(x), self.k_proj(x)
-        return self._finish_projection(x, q, k, positions % self.config.mini_batch_size, inner_lr_scale)
 
     def _finish_projection(self, x, q, k, mini_batch_positions, inner_lr_scale=1.0):
         c = self.config
@@ -189,31 +173,6 @@ class TTTLayer(nnx.Module):
     def _initial_fast_weights(self, batch):
         """The learnable W0 of every head, broadcast over the batch: {name: [batch, heads, ...]}."""
         return {name: jnp.broadcast_to(w[...], (batch, *w.shape)) for name, w in self.fast_weights.items()}
-
-    def _mix_sequence(self, q, k, v, eta):
-        """Sequence form over [batch, heads, seq, head_dim]; returns (z, final fast weights)."""
-        c = self.config
-        return _INNER[c.inner][1](q, k, v, eta, self._initial_fast_weights(q.shape[0]), self.inner_ln_weight[...],
-                                  self.inner_ln_bias[...], mini_batch_size=c.mini_batch_size,
-                                  token_scale=self._token_scale(), form=c.form, remat_group_size=c.remat_group_size)
-
-    def _step_fn(self):
-        """The inner step form with this layer's parameters: `(q, k, v, eta, ttt_state) -> (z, ttt_state)`."""
-        c = self.config
-        return functools.partial(_INNER[c.inner][2], ln_weight=self.inner_ln_weight[...], ln_bias=self.inner_ln_bias[...],
-                                 mini_batch_size=c.mini_batch_size, token_scale=self._token_scale())
-
-    def _mix_steps(self, q, k, v, eta, ttt_state):
-        """Step form over the tokens of [batch, heads, seq, head_dim], from `ttt_state`."""
-        step_fn = self._step_fn()
-
-        def body(state, token):
-            z, state = step_fn(*token, state)
-            return state, z
-
-        tokens = tuple(jnp.moveaxis(a, 2, 0) for a in (q, k, v, eta))
-        ttt_state, z = jax.lax.scan(body, ttt_state, tokens)
-        return jnp.moveaxis(z, 0, 2), ttt_state
 
     def _output(self, z, x):
         """z: [batch, heads, seq, head_dim], x: [batch, seq, embed] -> [batch, seq, embed]."""

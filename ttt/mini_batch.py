@@ -56,11 +56,17 @@ def coefficients(eta: jax.Array, token_scale: jax.Array, seq_len: int) -> tuple[
       update: [num, batch, heads, b], s_L * eta_j with L the last real position of the mini-batch.
     """
     num, _, _, size = eta.shape
-    causal = np.tril(np.ones((size, size), np.float32))
-    coeff = token_scale[:, None] * causal * eta[..., None, :]
+    coeff = causal_coefficients(eta, token_scale)
     last_real = np.clip(seq_len - size * np.arange(num), 1, size) - 1
     update = token_scale[last_real][:, None, None, None] * eta
     return coeff, update
+
+
+def causal_coefficients(eta: jax.Array, token_scale: jax.Array) -> jax.Array:
+    """coeff[..., i, j] = s_i * eta_j for j <= i, else 0: [num, batch, heads, b, b] from eta [num, batch, heads, b]."""
+    size = eta.shape[-1]
+    causal = np.tril(np.ones((size, size), np.float32))
+    return token_scale[:, None] * causal * eta[..., None, :]
 
 
 def default_token_scale(mini_batch_size: int) -> jax.Array:

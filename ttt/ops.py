@@ -1,6 +1,6 @@
 """Public entry points of the TTT inner loop: pure functions, no module state.
 
-Every function computes DESIGN section 3 exactly, for any sequence length (a partial last
+Every function computes the inner loop of docs/MATH.md exactly, for any sequence length (a partial last
 mini-batch included), in float32 whatever the input dtype, and is jit-able (keyword arguments
 static), vmap-able and differentiable with respect to every array argument.
 
@@ -10,6 +10,9 @@ Shapes (B batch, H heads, T seq, d head_dim, b mini_batch_size):
   linear params: {"W": [B, H, d, d], "b": [B, H, d]}
   MLP params: {"W1": [B, H, d, 4d], "b1": [B, H, 4d], "W2": [B, H, 4d, d], "b2": [B, H, d]}
 The step functions take one token: q, k, v: [B, H, d], eta: [B, H].
+A decode state is `{"params": fast weights at the start of the current mini-batch, "grad_sum": the
+eta-weighted inner-gradient sum of its tokens so far, "position": int32 [] inside it}`; the extend
+functions continue one from any position (traced or not) over any number of tokens.
 """
 
 from typing import Literal
@@ -17,7 +20,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from ttt import dual, mini_batch, primal
+from ttt import continuation, dual, mini_batch, primal
 from ttt import step as step_form
 from ttt.inner_models import LINEAR, MLP, InnerModel
 from ttt.layer_norm import layer_norm
@@ -58,6 +61,43 @@ def ttt_mlp_step(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: in
     return _step(MLP, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale)
 
 
+def ttt_linear_extend(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
+                      form: Form = "dual", remat_group_size: int = 4):
+    """TTT-Linear over T tokens read from a decode state. Returns (z [B, H, T, d], state after them).
+
+    From `init_decode_state(params)` the outputs are those of `ttt_linear(..., params)`; reading a
+    then b equals reading a + b, wherever the split falls inside a mini-batch.
+    """
+    return _extend(LINEAR, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, form,
+                   remat_group_size)
+
+
+def ttt_mlp_extend(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
+                   form: Form = "dual", remat_group_size: int = 4):
+    """TTT-MLP over T tokens read from a decode state. Returns (z [B, H, T, d], state after them)."""
+    return _extend(MLP, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, form,
+                   remat_group_size)
+
+
+def _extend(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, form,
+            remat_group_size):
+    _check_positive("remat_group_size", remat_group_size)
+    if form not in ("dual", "primal"):
+        raise ValueError(f"form={form!r}; expected 'dual' or 'primal'")
+    _check_tokens(q, k, v, eta, ndim=4)
+    if q.shape[2] < 1:
+        raise ValueError(f"q has seq length 0 (shape {q.shape}); expected at least one token")
+    batch, heads, _, head_dim = q.shape
+    ln_weight, ln_bias, token_scale, state = _check_state(model, state, batch, heads, head_dim, ln_weight, ln_bias,
+                                                          mini_batch_size, token_scale)
+    q32, k32, v32, eta32 = (jnp.asarray(x, jnp.float32) for x in (q, k, v, eta))
+    inner_out, state = continuation.extend(model, q32, k32, v32, eta32, state, ln_weight, ln_bias,
+                                           mini_batch_size=mini_batch_size, token_scale=token_scale, form=form,
+                                           remat_group_size=remat_group_size)
+    head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
+    return (q32 + layer_norm(inner_out, *head_ln)).astype(q.dtype), state
+
+
 def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size):
     _check_positive("mini_batch_size", mini_batch_size)
     _check_positive("remat_group_size", remat_group_size)
@@ -93,18 +133,29 @@ def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_
 
 
 def _step(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale):
-    _check_positive("mini_batch_size", mini_batch_size)
     _check_tokens(q, k, v, eta, ndim=3)
     batch, heads, head_dim = q.shape
-    if not isinstance(state, dict) or set(state) != {"params", "grad_sum", "position"}:
-        raise ValueError("state must be the dict returned by init_decode_state or a step function")
-    _check_params(model, state["params"], batch, heads, head_dim)
-    ln_weight, ln_bias = _layer_norm_params(ln_weight, ln_bias, heads, head_dim)
-    token_scale = _token_scale(token_scale, mini_batch_size)
+    ln_weight, ln_bias, token_scale, state = _check_state(model, state, batch, heads, head_dim, ln_weight, ln_bias,
+                                                          mini_batch_size, token_scale)
     q32, k32, v32, eta32 = (jnp.asarray(x, jnp.float32) for x in (q, k, v, eta))
     z, state = step_form.step(model, q32, k32, v32, eta32, state, ln_weight, ln_bias,
                               mini_batch_size=mini_batch_size, token_scale=token_scale)
     return z.astype(q.dtype), state
+
+
+def _check_state(model: InnerModel, state, batch, heads, head_dim, ln_weight, ln_bias, mini_batch_size, token_scale):
+    """Checks a decode state and the per-head parameters beside it; returns them in float32."""
+    _check_positive("mini_batch_size", mini_batch_size)
+    if not isinstance(state, dict) or set(state) != {"params", "grad_sum", "position"}:
+        raise ValueError("state must be the dict returned by init_decode_state, a step or an extend function")
+    _check_params(model, state["params"], batch, heads, head_dim)
+    _check_params(model, state["grad_sum"], batch, heads, head_dim)
+    ln_weight, ln_bias = _layer_norm_params(ln_weight, ln_bias, heads, head_dim)
+    # The position keeps its type: a concrete 0 lets the extend functions skip the mini-batch head.
+    state = {**jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), {"params": state["params"],
+                                                                   "grad_sum": state["grad_sum"]}),
+             "position": state["position"]}
+    return ln_weight, ln_bias, _token_scale(token_scale, mini_batch_size), state
 
 
 def _check_positive(name, value):

@@ -2,11 +2,12 @@
 
 The state holds the weights at the start of the current mini-batch, the eta-weighted sum of the
 inner gradients of the mini-batch so far, and the position inside it; the weights a token sees
-are `params - s_i * grad_sum` (DESIGN section 3), whatever the length of the context.
+are `params - s_i * grad_sum` (docs/MATH.md), whatever the length of the context.
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ttt.inner_models import InnerModel
 from ttt.objective import inner_loss, output
@@ -18,7 +19,8 @@ def init_state(params):
     return {
         "params": params,
         "grad_sum": jax.tree.map(jnp.zeros_like, params),
-        "position": jnp.zeros((), jnp.int32),
+        # numpy, so that it stays a concrete 0 inside jit (ttt.continuation skips the head then).
+        "position": np.zeros((), np.int32),
     }
 
 

@@ -59,25 +59,35 @@ def test_rotary_embedding_is_a_rotation_by_relative_position():
 
 
 @pytest.mark.parametrize("window, qk_norm", [(None, False), (4, True)])
-def test_attention_step_by_step_equals_full_forward(window, qk_norm):
-    """Prefill 6 tokens, then step 7 more (past the window: the ring buffer wraps around)."""
+def test_attention_token_by_token_and_in_pieces_equals_full_forward(window, qk_norm):
+    """Read 6 tokens, then 7 more one at a time (past the window: the ring buffer wraps around);
+    separately read 3, then 4, then 6 tokens from the cache (pieces longer than the window)."""
     config = ModelConfig(vocab_size=16, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
                          mlp_hidden_size=32, layer_pattern="swa" if window else "attention", sliding_window=window,
                          max_seq_len=16, qk_norm=qk_norm)
     attention = Attention(config, window=window, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 13, 32))
-    full, (prefix, state) = nnx.jit(lambda module, x: (module(x), module.prefill(x[:, :6])))(attention, x)
+    extend = nnx.jit(lambda module, x, state: module.extend(x, state))
+    full = nnx.jit(lambda module, x: module(x))(attention, x)
+    prefix, state = extend(attention, x[:, :6], None)
     np.testing.assert_allclose(prefix, full[:, :6], atol=1e-5)
     assert state["key"].shape == (2, window or 16, 2, 8)
-    step = nnx.jit(lambda module, x_t, state: module.step(x_t, state))
     for t in range(6, 13):
-        y_t, state = step(attention, x[:, t], state)
-        np.testing.assert_allclose(y_t, full[:, t], atol=1e-5, err_msg=f"position {t}")
+        y_t, state = extend(attention, x[:, t:t + 1], state)
+        np.testing.assert_allclose(y_t[:, 0], full[:, t], atol=1e-5, err_msg=f"position {t}")
     assert int(state["position"]) == 13
+    pieces, state = [], attention.init_state(2)
+    for start, end in [(0, 3), (3, 7), (7, 13)]:
+        y, state = extend(attention, x[:, start:end], state)
+        pieces.append(y)
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5)
+    y_t, _ = extend(attention, x[:, :1], state)  # the cache after the pieces continues like the whole
+    np.testing.assert_allclose(y_t[:, 0], extend(attention, x[:, :1], extend(attention, x, None)[1])[0][:, 0],
+                               atol=1e-5)
 
 
 def test_prefill_longer_than_full_attention_cache_is_rejected():
     config = ModelConfig(vocab_size=16, hidden_size=16, num_layers=1, num_heads=2, mlp_hidden_size=16, max_seq_len=4)
     attention = nnx.eval_shape(lambda: Attention(config, window=None, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="max_seq_len=4"):
-        attention.prefill(jnp.zeros((1, 5, 16)))
+        attention.extend(jnp.zeros((1, 5, 16)))

@@ -1,4 +1,4 @@
-"""LM: the decode path (prefill + decode_step) against the full forward, cache sizes, the loss, generation."""
+"""LM: reading in pieces and decoding against the full forward, cache sizes, the loss, generation."""
 
 import dataclasses
 
@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from ttt.configs import ModelConfig
+from ttt.context import Context
 from ttt.models import LM, generate
 
 WINDOW, MINI_BATCH = 5, 4
@@ -31,23 +32,27 @@ def make_config(name: str) -> ModelConfig:
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))
-def test_prefill_and_decode_match_forward_at_every_position(name):
-    """Teacher forcing. Prefill 6 tokens (inside the second TTT mini-batch of 4, past the window
-    of 5), then decode 7 more; separately decode 4 tokens from an empty cache. Every logit equals
-    the full forward's at the same position."""
+def test_reading_and_decoding_match_forward_at_every_position(name):
+    """Teacher forcing. Read 6 tokens (inside the second TTT mini-batch of 4, past the window of 5),
+    then decode 7 more one at a time; separately decode 4 tokens from an empty cache, then read the
+    other 9 in two pieces (3: inside a mini-batch; 6: across one and past the window). Every logit
+    equals the full forward's at the same position."""
     model = LM(make_config(name), rngs=nnx.Rngs(0))
     ids = jax.random.randint(jax.random.key(1), (2, 13), 0, BASE.vocab_size)
-    forward, (prefill_logits, cache) = nnx.jit(lambda m, ids: (m(ids), m.prefill(ids[:, :6])))(model, ids)
-    np.testing.assert_allclose(prefill_logits, forward[:, :6], atol=2e-5)
-    decode = nnx.jit(lambda m, token, cache: m.decode_step(token, cache))
+    forward = nnx.jit(lambda m, ids: m(ids))(model, ids)
+    extend = nnx.jit(lambda m, ids, cache: m.extend(ids, cache))
+    logits, cache = extend(model, ids[:, :6], None)
+    np.testing.assert_allclose(logits, forward[:, :6], atol=2e-5)
     for t in range(6, ids.shape[1]):
-        logits, cache = decode(model, ids[:, t], cache)
-        np.testing.assert_allclose(logits, forward[:, t], atol=2e-5, err_msg=f"position {t}")
-    assert int(cache["position"]) == ids.shape[1]
+        logits, cache = extend(model, ids[:, t:t + 1], cache)
+        np.testing.assert_allclose(logits[:, 0], forward[:, t], atol=2e-5, err_msg=f"position {t}")
     cache = model.init_cache(ids.shape[0])
     for t in range(4):
-        logits, cache = decode(model, ids[:, t], cache)
-        np.testing.assert_allclose(logits, forward[:, t], atol=2e-5, err_msg=f"position {t} from an empty cache")
+        logits, cache = extend(model, ids[:, t:t + 1], cache)
+        np.testing.assert_allclose(logits[:, 0], forward[:, t], atol=2e-5, err_msg=f"position {t} from an empty cache")
+    for start, end in [(4, 7), (7, 13)]:
+        logits, cache = extend(model, ids[:, start:end], cache)
+        np.testing.assert_allclose(logits, forward[:, start:end], atol=2e-5, err_msg=f"piece {start}:{end}")
 
 
 @pytest.mark.parametrize("name", CONSTANT_CACHE)
@@ -57,9 +62,9 @@ def test_cache_size_does_not_depend_on_tokens_read(name):
 
     def cache_after(num_tokens):
         ids = jax.ShapeDtypeStruct((2, num_tokens), jnp.int32)
-        cache = nnx.eval_shape(lambda m, ids: m.prefill(ids)[1], model, ids)
-        token = jax.ShapeDtypeStruct((2,), jnp.int32)
-        stepped = nnx.eval_shape(lambda m, token, cache: m.decode_step(token, cache)[1], model, token, cache)
+        cache = nnx.eval_shape(lambda m, ids: m.extend(ids)[1], model, ids)
+        token = jax.ShapeDtypeStruct((2, 1), jnp.int32)
+        stepped = nnx.eval_shape(lambda m, token, cache: m.extend(token, cache)[1], model, token, cache)
         assert jax.tree.map(lambda a: (a.shape, a.dtype), stepped) == jax.tree.map(lambda a: (a.shape, a.dtype),
                                                                                    cache)
         return cache
@@ -99,13 +104,13 @@ def test_loss_is_next_token_cross_entropy_with_mask():
 
 
 def test_inner_lr_scale_rescales_the_ttt_layers_and_not_attention():
-    """loss(ids, inner_lr_scale=s) equals the loss of the model whose TTT-MLP base learning rate is s
+    """loss(ids, context=Context(inner_lr_scale=s)) equals the loss of the model whose TTT-MLP base learning rate is s
     times larger and whose sliding-window attention is unchanged (TTT-Linear: tests/train/test_loop.py)."""
     scale = 0.25
     config = dataclasses.replace(BASE, layer_pattern="ttt_mlp,swa", num_layers=4)
     scaled = dataclasses.replace(config, ttt_mlp_base_lr=scale * config.ttt_mlp_base_lr)
     ids = jax.random.randint(jax.random.key(3), (2, 11), 0, BASE.vocab_size)
-    loss = nnx.jit(lambda model, ids, scale: model.loss(ids, inner_lr_scale=scale)[1])
+    loss = nnx.jit(lambda model, ids, scale: model.loss(ids, context=Context(inner_lr_scale=scale))[1])
     model = LM(config, rngs=nnx.Rngs(0))
     np.testing.assert_allclose(loss(model, ids, scale), loss(LM(scaled, rngs=nnx.Rngs(0)), ids, 1.0), rtol=1e-5)
     assert not np.allclose(loss(model, ids, scale), loss(model, ids, 1.0), rtol=1e-4)
@@ -175,13 +180,13 @@ def test_stacked_parameters_carry_the_layers_axis_under_a_mesh():
     mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         model = nnx.eval_shape(lambda: LM(make_config("hybrid"), rngs=nnx.Rngs(0)))
-        query = model.groups.blocks[1].mixer.query.kernel
+        query = model.stages[0].blocks[1].mixer.query.kernel
         assert query.get_metadata()["out_sharding"] == ("layers", "embed", "heads", "head_dim")
         assert tuple(query.get_value().sharding.spec)[:3] == (None, None, "tensor")
         for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
             names = variable.get_metadata()["out_sharding"]
             assert len(names) == len(variable.get_value().shape), path
-            assert (names[0] == "layers") == (path[0] == "groups"), path
+            assert (names[0] == "layers") == (path[0] == "stages"), path
         loss = nnx.eval_shape(lambda m, ids: m.loss(ids)[0], model, jax.ShapeDtypeStruct((4, 8), jnp.int32))
     assert loss.shape == () and loss.dtype == jnp.float32
 

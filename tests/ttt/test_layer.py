@@ -1,4 +1,4 @@
-"""TTTLayer: full forward vs decode, prefill continuation, composition vs numpy, sharding names."""
+"""TTTLayer: full forward vs decode, reading in pieces, composition vs numpy, sharding names."""
 
 import math
 
@@ -11,6 +11,7 @@ from flax import nnx
 import ttt
 from tests.ttt import reference
 from ttt.configs import TTTLayerConfig
+from ttt.context import Context
 
 WIDTH, HEADS, MINI_BATCH = 16, 2, 4
 
@@ -25,17 +26,16 @@ def inputs(seq_len, seed=1, batch=2):
 
 
 forward = nnx.jit(lambda layer, x: layer(x))
-prefill = nnx.jit(lambda layer, x: layer.prefill(x))
-step = nnx.jit(lambda layer, x_t, state: layer.step(x_t, state))
+extend = nnx.jit(lambda layer, x, state: layer.extend(x, state))
 
 
 @nnx.jit
 def decode_all(layer, x):
-    """Every token of x [batch, seq, embed] through `step`, from the initial state."""
+    """Every token of x [batch, seq, embed] read one at a time, from the initial state."""
 
     def body(state, x_t):
-        y_t, state = layer.step(x_t, state)
-        return state, y_t
+        y_t, state = layer.extend(x_t[:, None], state)
+        return state, y_t[:, 0]
 
     state, y = jax.lax.scan(body, layer.init_state(x.shape[0]), jnp.swapaxes(x, 0, 1))
     return jnp.swapaxes(y, 0, 1), state
@@ -55,15 +55,32 @@ def test_step_by_step_decode_equals_full_forward(inner, backbone):
 
 @pytest.mark.parametrize("inner,backbone", [("linear", "mamba"), ("mlp", "transformer")])
 @pytest.mark.parametrize("prompt_len", [3, 10])  # inside the first mini-batch; after two and a partial one
-def test_prefill_then_decode_continues_the_full_forward(inner, backbone, prompt_len):
+def test_prompt_then_decode_continues_the_full_forward(inner, backbone, prompt_len):
     layer = make_layer(inner, backbone)
     x = inputs(13)
     full = forward(layer, x)
-    prefix, state = prefill(layer, x[:, :prompt_len])
+    prefix, state = extend(layer, x[:, :prompt_len], None)
     np.testing.assert_allclose(prefix, full[:, :prompt_len], rtol=1e-4, atol=1e-5)
     for t in range(prompt_len, x.shape[1]):
-        y_t, state = step(layer, x[:, t], state)
-        np.testing.assert_allclose(y_t, full[:, t], rtol=1e-4, atol=1e-5)
+        y_t, state = extend(layer, x[:, t:t + 1], state)
+        np.testing.assert_allclose(y_t[:, 0], full[:, t], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("inner,backbone", BOTH)
+def test_reading_in_three_pieces_equals_one_pass(inner, backbone):
+    """Splits inside a mini-batch (3, 9), at a boundary (8) and across several (3 -> 9 -> 14): the
+    outputs and the final state equal one pass, whatever the position the state stands at."""
+    layer = make_layer(inner, backbone)
+    x = inputs(14)
+    whole, whole_state = extend(layer, x, None)
+    for cuts in ([3, 9], [8, 11], [1, 2]):
+        pieces, state = [], None
+        for start, end in zip([0, *cuts], [*cuts, x.shape[1]]):
+            y, state = extend(layer, x[:, start:end], state)
+            pieces.append(y)
+        np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), whole, rtol=1e-4, atol=1e-5, err_msg=str(cuts))
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(whole_state)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=str(cuts))
 
 
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
@@ -72,14 +89,14 @@ def test_inner_lr_scale_is_a_scaled_base_learning_rate(inner):
     x = inputs(2 * MINI_BATCH + 1)
     layer = make_layer(inner)
     scaled_config = make_layer(inner, base_lr=0.3 * layer.config.base_lr)
-    y = nnx.jit(lambda layer, x, scale: layer(x, scale))(layer, x, jnp.float32(0.3))
+    y = nnx.jit(lambda layer, x, scale: layer(x, Context(inner_lr_scale=scale)))(layer, x, jnp.float32(0.3))
     np.testing.assert_allclose(y, forward(scaled_config, x), rtol=1e-5, atol=1e-6)
     assert not np.allclose(y, forward(layer, x), rtol=1e-3, atol=1e-5)  # the scale matters at all
 
 
 def test_state_size_does_not_depend_on_context():
     layer = make_layer("mlp")
-    shapes = [jax.tree.map(jnp.shape, nnx.eval_shape(lambda m, x: m.prefill(x)[1], layer, inputs(n))) for n in (5, 37)]
+    shapes = [jax.tree.map(jnp.shape, nnx.eval_shape(lambda m, x: m.extend(x)[1], layer, inputs(n))) for n in (5, 37)]
     assert shapes[0] == shapes[1] == jax.tree.map(jnp.shape, layer.init_state(2))
 
 
@@ -153,7 +170,7 @@ def test_gradients_reach_every_parameter():
 def test_bfloat16_compute_keeps_inner_state_in_float32():
     layer = make_layer("linear", dtype="bfloat16")
     x = inputs(10).astype(jnp.bfloat16)
-    y, state = prefill(layer, x)
+    y, state = extend(layer, x, None)
     assert y.dtype == jnp.bfloat16
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state["ttt"]["params"]))
     reference_y = forward(make_layer("linear"), x.astype(jnp.float32))

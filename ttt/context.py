@@ -1,0 +1,27 @@
+"""`Context`: what one call of a model's forward knows besides its inputs and state.
+
+One object passed from the LM down to every mixer, so that a new per-call input is one field here
+instead of an argument in every signature. It is a pytree: its fields may be traced (a new value
+does not recompile a jitted step).
+"""
+
+import dataclasses
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """Per-call inputs of a forward pass.
+
+    Attributes:
+      inner_lr_scale: scalar multiplying every TTT layer's inner learning rate; training's inner-LR
+        warmup sets it below 1 for the first steps, everything else leaves it at 1. Attention ignores it.
+    """
+
+    inner_lr_scale: jax.Array | float = 1.0
+
+
+jax.tree_util.register_dataclass(Context, data_fields=["inner_lr_scale"], meta_fields=[])
+
+DEFAULT = Context()
