@@ -47,7 +47,8 @@ def advance_cache(config, cache, context: int, rng: jax.Array):
     """The cache after `PREFIX` real tokens, advanced to position `context` (see module docstring)."""
     (stage,) = config.model_stages
     blocks = []
-    for mixer, state in zip(stage.pattern, cache["stages"][0]):
+    for mixer, block_state in zip(stage.pattern, cache["stages"][0]):
+        state = block_state["mixer"]
         if mixer in ("attention", "swa"):
             state = dict(state, position=jnp.full_like(state["position"], context))
         if mixer == "attention":
@@ -56,7 +57,7 @@ def advance_cache(config, cache, context: int, rng: jax.Array):
                 filled = state[name].at[:, :, PREFIX:context].set(
                     jax.random.normal(key, state[name][:, :, PREFIX:context].shape, state[name].dtype))
                 state[name] = filled
-        blocks.append(state)
+        blocks.append(dict(block_state, mixer=state))
     return {"stages": [blocks]}
 
 

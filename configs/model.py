@@ -65,6 +65,10 @@ class ModelConfig:
       ttt_remat_group_size: TTT mini-batches per rematerialised group in the inner scan.
       conv_kernel: width of the causal convolution of the mamba backbone.
       rope_theta: RoPE base of attention (and of the TTT layers).
+      rope_pairing: features RoPE rotates together, `"half"` (i, i + d/2) or `"interleaved"`
+        (2i, 2i + 1, as the reference code of Sun et al. 2024 does; for converted checkpoints).
+      pre_conv: every block starts with `x + conv(RMSNorm(x))`, a causal depthwise convolution of
+        width `conv_kernel` with bias (the "Mamba backbone" blocks of Sun et al. 2024's configs).
       qk_norm: RMSNorm over head_dim on attention queries and keys.
       norm_eps: epsilon of every RMSNorm.
       init_std: standard deviation of the normal initialiser of embeddings and projections.
@@ -94,6 +98,8 @@ class ModelConfig:
     ttt_remat_group_size: int = 4
     conv_kernel: int = 4
     rope_theta: float = 10000.0
+    rope_pairing: Literal["half", "interleaved"] = "half"
+    pre_conv: bool = False
     qk_norm: bool = False
     norm_eps: float = 1e-6
     init_std: float = 0.02
@@ -132,6 +138,8 @@ class ModelConfig:
                              "a positive window is required for 'swa' layers")
         if self.backbone not in ("mamba", "transformer"):
             raise ValueError(f"backbone={self.backbone!r}; expected 'mamba' or 'transformer'")
+        if self.rope_pairing not in ("half", "interleaved"):
+            raise ValueError(f"rope_pairing={self.rope_pairing!r}; expected 'half' or 'interleaved'")
         if self.remat_policy_name not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected a bool or one of {REMAT_POLICIES}")
 
@@ -181,6 +189,7 @@ class ModelConfig:
             base_lr=self.ttt_linear_base_lr if inner == "linear" else self.ttt_mlp_base_lr,
             conv_kernel=self.conv_kernel,
             rope_theta=self.rope_theta,
+            rope_pairing=self.rope_pairing,
             form=self.ttt_form,
             remat_group_size=self.ttt_remat_group_size,
             init_std=self.init_std,

@@ -19,6 +19,8 @@ class TTTLayerConfig:
       base_lr: inner learning rate scale; eta = base_lr * sigmoid(x . theta_h + beta_h) / head_dim.
       conv_kernel: width of the causal depthwise convolution (mamba backbone only).
       rope_theta: RoPE base; positions are taken relative to the mini-batch.
+      rope_pairing: features rotated together, `"half"` (i, i + d/2) or `"interleaved"` (2i, 2i + 1,
+        as in the reference code of Sun et al. 2024; for converted checkpoints).
       form: how full sequences are computed, `"dual"` (closed form) or `"primal"` (autodiff).
       remat_group_size: mini-batches per rematerialised group in the scan (memory vs recompute).
       init_std: standard deviation of the normal initialiser of the projections and the inner-LR gate
@@ -37,6 +39,7 @@ class TTTLayerConfig:
     base_lr: float = 1.0
     conv_kernel: int = 4
     rope_theta: float = 10000.0
+    rope_pairing: Literal["half", "interleaved"] = "half"
     form: Literal["dual", "primal"] = "dual"
     remat_group_size: int = 4
     init_std: float = 0.02
@@ -51,6 +54,8 @@ class TTTLayerConfig:
             raise ValueError(f"inner={self.inner!r}; expected 'linear' or 'mlp'")
         if self.backbone not in ("mamba", "transformer"):
             raise ValueError(f"backbone={self.backbone!r}; expected 'mamba' or 'transformer'")
+        if self.rope_pairing not in ("half", "interleaved"):
+            raise ValueError(f"rope_pairing={self.rope_pairing!r}; expected 'half' or 'interleaved'")
         if self.form not in ("dual", "primal"):
             raise ValueError(f"form={self.form!r}; expected 'dual' or 'primal'")
         for name in ("mini_batch_size", "conv_kernel", "remat_group_size"):

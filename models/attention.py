@@ -131,8 +131,8 @@ class Attention(nnx.Module):
         query, key, value = self.query(x), self.key(x), self.value(x)
         if self.query_norm is not None:
             query, key = self.query_norm(query), self.key_norm(key)
-        query = rotary_embedding(query, positions, self.config.rope_theta)
-        key = rotary_embedding(key, positions, self.config.rope_theta)
+        query = rotary_embedding(query, positions, self.config.rope_theta, self.config.rope_pairing)
+        key = rotary_embedding(key, positions, self.config.rope_theta, self.config.rope_pairing)
         query = constrain(query, ("batch", "seq", "heads", "head_dim"))
         key = constrain(key, ("batch", "seq", "kv_heads", "head_dim"))
         value = constrain(value, ("batch", "seq", "kv_heads", "head_dim"))

@@ -8,10 +8,11 @@ from typing import Any
 
 import jax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from ttt.configs import ModelConfig
 from ttt.context import DEFAULT, Context
-from ttt.models.layers import SwiGLU, rms_norm
+from ttt.models.layers import PreConvolution, SwiGLU, rms_norm
 from ttt.models.mixers import make_mixer
 from ttt.sharding import constrain
 
@@ -19,25 +20,39 @@ State = Any  # a mixer's state: a dict of arrays
 
 
 class Block(nnx.Module):
-    """`h = x + mixer(norm(x)); out = h + mlp(norm(h))` on [batch, seq, embed]."""
+    """`h = x + mixer(norm(x)); out = h + mlp(norm(h))` on [batch, seq, embed], after `x = x + conv(norm(x))`
+    when `config.pre_conv`. Its state is `{"mixer": the mixer's state}` (and `"pre_conv"`: the
+    convolution's history)."""
 
     def __init__(self, config: ModelConfig, mixer: str, *, rngs: nnx.Rngs):
+        self.pre_conv = PreConvolution(config, rngs=rngs) if config.pre_conv else None
         self.mixer_norm = rms_norm(config, config.hidden_size, "embed", rngs=rngs)
         self.mixer = make_mixer(config, mixer, rngs=rngs)
         self.mlp_norm = rms_norm(config, config.hidden_size, "embed", rngs=rngs)
         self.mlp = SwiGLU(config, rngs=rngs)
 
     def extend(self, x: jax.Array, state: State | None = None, context: Context = DEFAULT) -> tuple[jax.Array, State]:
-        """x: [batch, seq, embed] read from the mixer's `state` -> ([batch, seq, embed], mixer state after x)."""
-        mixed, state = self.mixer.extend(self.mixer_norm(x), state, context)
+        """x: [batch, seq, embed] read from `state` (None: the initial state) -> ([batch, seq, embed], state after x)."""
+        new_state = {}
+        if self.pre_conv is not None:
+            history = self.pre_conv.init_state(x.shape[0]) if state is None else state["pre_conv"]
+            x, new_state["pre_conv"] = self.pre_conv(x, history)
+        mixed, new_state["mixer"] = self.mixer.extend(self.mixer_norm(x), None if state is None else state["mixer"],
+                                                      context)
         h = x + mixed
-        return constrain(h + self.mlp(self.mlp_norm(h)), ("batch", "seq", "embed")), state
+        return constrain(h + self.mlp(self.mlp_norm(h)), ("batch", "seq", "embed")), new_state
 
     def init_state(self, batch: int) -> State:
-        return self.mixer.init_state(batch)
+        state = {"mixer": self.mixer.init_state(batch)}
+        if self.pre_conv is not None:
+            state["pre_conv"] = self.pre_conv.init_state(batch)
+        return state
 
     def state_axes(self) -> State:
-        return self.mixer.state_axes()
+        axes = {"mixer": self.mixer.state_axes()}
+        if self.pre_conv is not None:
+            axes["pre_conv"] = P("batch", None, "embed")
+        return axes
 
 
 class BlockGroup(nnx.Module):

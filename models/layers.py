@@ -1,9 +1,11 @@
-"""Small building blocks shared by the model modules: parameter initialisers, RMSNorm, SwiGLU MLP."""
+"""Small building blocks shared by the model modules: parameter initialisers, RMSNorm, SwiGLU MLP, pre-convolution."""
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from ttt.configs import ModelConfig
+from ttt.conv import causal_depthwise_conv, next_history
 from ttt.sharding import constrain, partitioned
 
 
@@ -33,3 +35,28 @@ class SwiGLU(nnx.Module):
         hidden = jax.nn.silu(self.gate(x)) * self.up(x)
         hidden = constrain(hidden, ("batch", "seq", "mlp"))
         return constrain(self.down(hidden), ("batch", "seq", "embed"))
+
+
+class PreConvolution(nnx.Module):
+    """`x + conv(RMSNorm(x))`: a causal depthwise convolution over the sequence (width `conv_kernel`, with
+    bias) that starts every block of the Mamba-backbone models of Sun et al. 2024. Its state is the last
+    `conv_kernel - 1` normalised inputs [batch, K - 1, embed]."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        width, param_dtype = config.hidden_size, config.param_dtype
+        self.norm = rms_norm(config, width, "embed", rngs=rngs)
+        # LeCun normal over the K taps of each channel: flax's default for the convolution it replaces.
+        weight_init = partitioned(nnx.initializers.lecun_normal(), (None, "embed"))
+        self.weight = nnx.Param(weight_init(rngs.params(), (config.conv_kernel, width), param_dtype))
+        self.bias = nnx.Param(partitioned(nnx.initializers.zeros, ("embed",))(rngs.params(), (width,), param_dtype))
+
+    def __call__(self, x: jax.Array, history: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: [batch, seq, embed] after `history` -> (x + conv(RMSNorm(x)), the history after x)."""
+        normed = self.norm(x)
+        dtype = normed.dtype
+        mixed = causal_depthwise_conv(normed, self.weight[...].astype(dtype), self.bias[...].astype(dtype), history)
+        return constrain(x + mixed, ("batch", "seq", "embed")), next_history(history, normed)
+
+    def init_state(self, batch: int) -> jax.Array:
+        return jnp.zeros((batch, self.config.conv_kernel - 1, self.config.hidden_size), self.config.dtype)

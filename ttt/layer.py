@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from ttt import ops
 from ttt.configs import TTTLayerConfig
 from ttt.context import DEFAULT, Context
+from ttt.conv import causal_depthwise_conv, next_history
 from ttt.inner_models import LINEAR, MLP, gelu
 from ttt.rope import rotary_embedding
 from ttt.sharding import constrain, partitioned
@@ -33,18 +34,6 @@ _INNER = {
     "linear": types.SimpleNamespace(model=LINEAR, step=ops.ttt_linear_step, extend=ops.ttt_linear_extend),
     "mlp": types.SimpleNamespace(model=MLP, step=ops.ttt_mlp_step, extend=ops.ttt_mlp_extend),
 }
-
-
-def causal_depthwise_conv(x: jax.Array, weight: jax.Array, bias: jax.Array, history: jax.Array) -> jax.Array:
-    """y_t = bias + sum_j weight[j] * x_{t - K + 1 + j}, reading the K - 1 inputs before x from `history`.
-
-    Args:
-      x: [batch, seq, *channels]; weight: [K, *channels]; bias: [*channels].
-      history: [batch, K - 1, *channels], the inputs before x (zeros at the start of a sequence).
-    """
-    kernel, seq_len = weight.shape[0], x.shape[1]
-    padded = jnp.concatenate([history.astype(x.dtype), x], axis=1)
-    return bias + sum(weight[j] * padded[:, j:j + seq_len] for j in range(kernel))
 
 
 class TTTLayer(nnx.Module):
@@ -116,7 +105,7 @@ class TTTLayer(nnx.Module):
             history = state["conv"]
             q = causal_depthwise_conv(qk, self.conv_q_weight[...], self.conv_q_bias[...], history)
             k = causal_depthwise_conv(qk, self.conv_k_weight[...], self.conv_k_bias[...], history)
-            state["conv"] = jnp.concatenate([history, qk.astype(history.dtype)], axis=1)[:, seq_len:]
+            state["conv"] = next_history(history, qk)
         else:
             q, k = self.q_proj(x), self.k_proj(x)
         position = state["ttt"]["position"]
@@ -158,8 +147,8 @@ class TTTLayer(nnx.Module):
 
     def _finish_projection(self, x, q, k, mini_batch_positions, inner_lr_scale=1.0):
         c = self.config
-        q = rotary_embedding(q, mini_batch_positions, c.rope_theta)
-        k = rotary_embedding(k, mini_batch_positions, c.rope_theta)
+        q = rotary_embedding(q, mini_batch_positions, c.rope_theta, c.rope_pairing)
+        k = rotary_embedding(k, mini_batch_positions, c.rope_theta, c.rope_pairing)
         v = self.v_proj(x)
         gate_logits = jnp.einsum("bte,eh->bth", x.astype(jnp.float32), self.lr_weight[...].astype(jnp.float32))
         eta = inner_lr_scale * c.base_lr * jax.nn.sigmoid(gate_logits + self.lr_bias[...]) / c.head_dim
