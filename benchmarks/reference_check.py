@@ -201,15 +201,14 @@ def compare(workdir: pathlib.Path, kinds: list[str], rope_pairing: str) -> dict:
     return results
 
 
-def run(reference_python: str, repo: pathlib.Path, workdir: pathlib.Path, kinds: list[str], float_dtype: str,
-        rope_pairing: str, seed: int) -> dict:
-    """Both sides: the reference side in a subprocess of `reference_python`, then the comparison here."""
+def run_reference(reference_python: str, repo: pathlib.Path, workdir: pathlib.Path, kinds: list[str],
+                  float_dtype: str, seed: int) -> None:
+    """The reference side in a subprocess of `reference_python` (the reference environment)."""
     command = [reference_python, __file__, "reference", "--reference-repo", str(repo), "--workdir", str(workdir),
                "--float-dtype", float_dtype, "--seed", str(seed), "--kinds", *kinds]
     # The reference environment must not see this project's package (both are called `ttt`).
     environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     subprocess.run(command, check=True, env=environment)
-    return compare(workdir, kinds, rope_pairing)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -240,8 +239,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     else:
         with tempfile.TemporaryDirectory() as temporary:
             workdir = args.workdir or pathlib.Path(temporary)
-            results = run(args.reference_python, args.reference_repo, workdir, args.kinds, args.float_dtype,
-                          args.rope_pairing, args.seed)
+            run_reference(args.reference_python, args.reference_repo, workdir, args.kinds, args.float_dtype,
+                          args.seed)
+            results = compare(workdir, args.kinds, args.rope_pairing)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(tolerance=TOLERANCE, float_dtype=args.float_dtype,
