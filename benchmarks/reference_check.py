@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("command", choices=("run", "reference", "compare"))
     parser.add_argument("--reference-repo", type=pathlib.Path, default=os.environ.get("TTT_REFERENCE_REPO"))
     parser.add_argument("--reference-python", default=os.environ.get("TTT_REFERENCE_PYTHON"))
-    parser.add_argument("--workdir", type=pathlib.Path, help="where checkpoints, ids and logits go (default: a temp dir)")
+    parser.add_argument("--workdir", type=pathlib.Path,
+                        help="where checkpoints, ids and logits go (default for run: a temporary folder)")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--float-dtype", default="fp32", choices=("fp32", "bf16"),
                         help="dtype the checkpoint is saved in (the reference's train script defaults to bf16)")

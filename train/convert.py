@@ -190,7 +190,8 @@ def model_config(reference: dict, rope_pairing: RopePairing = "half") -> ModelCo
     """This project's ModelConfig for a reference config dict (ttt-lm-jax `ModelConfig.to_dict()` keys)."""
     block = _required(reference, "seq_modeling_block")
     if block not in SEQ_MODELING_BLOCKS:
-        raise ValueError(f"seq_modeling_block={block!r} is not convertible; expected one of {tuple(SEQ_MODELING_BLOCKS)}")
+        raise ValueError(f"seq_modeling_block={block!r} is not convertible; "
+                         f"expected one of {tuple(SEQ_MODELING_BLOCKS)}")
     mixer, backbone = SEQ_MODELING_BLOCKS[block]
     fields = dict(
         vocab_size=_required(reference, "vocab_size"),
@@ -340,10 +341,6 @@ def convert_params(params: dict[str, np.ndarray], reference: dict,
     return converted, report
 
 
-def _path_name(path) -> str:
-    return "/".join(str(part) for part in path)
-
-
 def load_into(model, converted: dict[str, np.ndarray]) -> None:
     """Set every nnx.Param of `model` from `converted` (names as `convert_params` gives them).
 
@@ -352,7 +349,7 @@ def load_into(model, converted: dict[str, np.ndarray]) -> None:
     """
     state = nnx.state(model, nnx.Param)
     flat = dict(nnx.to_flat_state(state))
-    names = {_path_name(path): path for path in flat}
+    names = {"/".join(str(part) for part in path): path for path in flat}
     for name in names:
         if name not in converted:
             raise ValueError(f"model parameter {name} has no converted value; the converted names are "
