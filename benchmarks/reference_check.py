@@ -17,6 +17,10 @@ imported: `ttt.infra.jax_utils` is replaced by the four helpers its model and ch
 (the real module imports torch, wandb and PIL for training utilities), and `jnp.clip` accepts the
 `a_min`/`a_max` keywords that jax 0.10 removed.
 
+A reference environment that works (checked with jax 0.10.2 and flax 0.12.8, no torch):
+  python -m venv REF_VENV && REF_VENV/bin/pip install jax flax ml_collections mlxu msgpack einops \
+      "transformers>=4.41,<4.50"      (transformers 5 dropped the Flax classes model.py imports)
+
 Usage:
   python benchmarks/reference_check.py run --reference-python /path/venv/bin/python \
       --reference-repo /path/ttt-lm-jax [--out benchmarks/results/reference_check.json]
