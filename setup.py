@@ -35,6 +35,7 @@ setup(
             "ttt-train=ttt.train.cli:train_main",
             "ttt-eval=ttt.train.cli:eval_main",
             "ttt-generate=ttt.train.cli:generate_main",
+            "ttt-convert=ttt.train.convert:main",
         ],
     },
     extras_require={
