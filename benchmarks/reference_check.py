@@ -154,18 +154,6 @@ def reference_side(repo: pathlib.Path, workdir: pathlib.Path, kinds: list[str], 
 
 # -- project side -----------------------------------------------------------------------------
 
-def _today_block_names(converted: dict, model) -> dict:
-    """Until the LM stacks its blocks as `stages/<s>/...`, its one repeated group is `groups/...`."""
-    from flax import nnx
-
-    from ttt.train.convert import BLOCK_TARGET
-
-    names = {"/".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    if any(name.startswith(BLOCK_TARGET) for name in names):
-        return converted
-    return {name.replace(BLOCK_TARGET, "groups/blocks/0", 1): value for name, value in converted.items()}
-
-
 def compare_kind(directory: pathlib.Path, rope_pairing: str) -> dict:
     """Convert one kind's checkpoint, run this project's LM on its ids, compare with the reference logits."""
     import jax.numpy as jnp
@@ -179,7 +167,7 @@ def compare_kind(directory: pathlib.Path, rope_pairing: str) -> dict:
     converted, report = convert.convert_params(convert.read_checkpoint(str(directory / CHECKPOINT)), reference,
                                                rope_pairing)
     model = LM(config, rngs=nnx.Rngs(0))
-    convert.load_into(model, _today_block_names(converted, model))
+    convert.load_into(model, converted)
     ids, expected = np.load(directory / IDS), np.load(directory / LOGITS)
     logits = np.asarray(model(jnp.asarray(ids)), np.float32)
     difference = float(np.max(np.abs(logits - expected)) / np.max(np.abs(expected)))
@@ -194,7 +182,7 @@ def compare(workdir: pathlib.Path, kinds: list[str], rope_pairing: str) -> dict:
     for kind in kinds:
         try:
             result = compare_kind(workdir / kind, rope_pairing)
-        except (ValueError, TypeError) as error:  # a model feature this version does not have yet
+        except (ValueError, TypeError) as error:
             result = dict(error=str(error), passed=False)
         results[kind] = result
         if "error" in result:
