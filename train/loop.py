@@ -118,17 +118,46 @@ def train(config: TrainConfig, *, progress: bool | None = None, stop_after: int 
         process_count=jax.process_count())
     data_iterator = pipeline.CheckpointableIterator(batches)
     checkpointer = checkpoint_lib.Checkpointer(config.workdir, keep=config.keep_checkpoints)
-    resuming = checkpointer.latest_step() is not None
-    if resuming:
-        checkpoint_lib.check_compatible(checkpointer.stored_config(), config, checkpointer.directory)
     with mesh_lib.activate(mesh):
         model = step.create_model(config.model, mesh, config.seed)
         optimizer = nnx.Optimizer(model, make_optimizer(config.optimizer, config.steps), wrt=nnx.Param)
-        start = checkpointer.restore(model, optimizer, data_iterator) if resuming else 0
+        start = resume(checkpointer, config, model, optimizer, data_iterator)
         run = _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, local_batch, progress,
                     min(stop_after or config.steps, config.steps))
     checkpointer.close()
     return dataclasses.replace(run, data=builder)
+
+
+def resume(checkpointer: checkpoint_lib.Checkpointer, config: TrainConfig, model, optimizer, data_iterator) -> int:
+    """Restore the newest intact checkpoint into model, optimizer and iterator; returns its step (0: none yet).
+
+    A damaged newer checkpoint is renamed `<step>.damaged` with a warning, and the one before it is
+    tried. Never starts silently from step 0 over damaged checkpoints: when all are damaged, raises
+    DamagedCheckpointError. A checkpoint of an incompatible config raises ValueError (not a fallback).
+    """
+    damaged = []
+    for candidate in reversed(checkpointer.all_steps()):
+        try:
+            checkpoint_lib.check_compatible(checkpointer.stored_config(candidate), config, checkpointer.directory)
+            restored = checkpointer.restore(model, optimizer, data_iterator, candidate)
+        except checkpoint_lib.DamagedCheckpointError as error:
+            _warn(f"warning: {error}; trying the checkpoint before it")
+            damaged.append(candidate)
+            continue
+        for step_number in damaged:
+            _warn(f"warning: resuming from step {restored} instead; the damaged checkpoint is kept as "
+                  f"{checkpointer.set_aside(step_number)}")
+        return restored
+    if damaged:
+        raise checkpoint_lib.DamagedCheckpointError(
+            f"every checkpoint in {checkpointer.directory} is damaged (steps {', '.join(map(str, sorted(damaged)))}); "
+            "move them away to train again from step 0, or use a new --workdir")
+    return 0
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, local_batch, progress, last) -> Run:
