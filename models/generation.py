@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ttt.models.inputs import check_token_ids
 from ttt.models.lm import LM
 
 
@@ -81,6 +82,7 @@ def generate(model: LM, prompt_ids: jax.Array, max_new_tokens: int, *, temperatu
     Returns:
       int32 [batch, prompt + max_new_tokens]: the prompt followed by the new tokens.
     """
+    check_token_ids(prompt_ids, model.config.vocab_size, name="prompt_ids")
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     if prompt_ids.ndim != 2 or prompt_ids.shape[1] < 1:
         raise ValueError(f"prompt_ids of shape {prompt_ids.shape}; expected [batch, prompt] with prompt >= 1")

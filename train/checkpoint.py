@@ -9,7 +9,7 @@ any other.
 Integrity: orbax and tensorstore check nothing about the array data by default (zarr3's crc32c
 guards only the shard index), so flipped bytes load as garbage and a truncated file may load or
 fail deep inside tensorstore. So every save records a checksum of every array
-(`checksums.array_checksums`), and every restore recomputes them on the loaded arrays and raises
+(`checksums.state_checksums`), and every restore recomputes them on the loaded arrays and raises
 `DamagedCheckpointError`, naming the checkpoint, the array and what to do, before the model or
 optimizer is touched. A checkpoint whose files cannot be read at all raises the same error.
 """
@@ -30,6 +30,7 @@ from ttt.train.checksums import mismatches, state_checksums
 from ttt.train.step import create_model
 
 CHECKPOINTS = "checkpoints"
+CHECKSUMS = "checksums"
 EXPORT_PARAMS = "params"
 EXPORT_CONFIG = "config.json"
 EXPORT_CHECKSUMS = "checksums.json"
@@ -121,15 +122,18 @@ class Checkpointer:
         cannot be read or differs from what was saved."""
         arrays = [name for name in items if name in ("model", "optimizer")]
         if arrays:
-            items["checksums"] = ocp.args.JsonRestore()
+            if not os.path.isdir(os.path.join(self.location(step), CHECKSUMS)):
+                raise self._damaged(step, f"it has no {CHECKSUMS} item (half-written, or saved by a version that "
+                                          "recorded none)")
+            items[CHECKSUMS] = ocp.args.JsonRestore()
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # tensorstore, orbax, grain and JSON errors alike: the files are not as saved
             raise self._damaged(step, f"its files cannot be read ({_root_cause(error)})") from error
         for name in arrays:
-            if not isinstance(restored["checksums"], dict) or name not in restored["checksums"]:
-                raise self._damaged(step, f"its checksums item has no entry for {name!r}")
-            problems = mismatches(restored["checksums"][name], state_checksums(restored[name]))
+            if not isinstance(restored[CHECKSUMS], dict) or name not in restored[CHECKSUMS]:
+                raise self._damaged(step, f"its {CHECKSUMS} item has no entry for {name!r}")
+            problems = mismatches(restored[CHECKSUMS][name], state_checksums(restored[name]))
             if problems:
                 shown = "; ".join(f"{name}/{problem}" for problem in problems[:3])
                 more = f" (and {len(problems) - 3} more arrays)" if len(problems) > 3 else ""
