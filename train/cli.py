@@ -10,6 +10,7 @@ the model config, as `--model.FIELD`) can be overridden with `--key=value`.
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
@@ -18,7 +19,7 @@ import numpy as np
 import tyro
 
 from ttt import configs
-from ttt.configs.train import MeshConfig, TrainConfig
+from ttt.configs.train import MeshConfig, TrainConfig, require
 from ttt.models import generate
 from ttt.train import checkpoint as checkpoint_lib
 from ttt.train import dataset, evaluate, loop, pipeline, step
@@ -29,6 +30,9 @@ DEFAULT_PRESET = "ttt-linear-tiny"
 EXPORT = "export"
 EVALUATION = "eval"
 COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "ttt", "jax")
+# What a console script reports in one line: bad settings, paths and files (ValueError, with
+# DamagedCheckpointError among them), what the system refused (OSError), a diverged run.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
 # Every flag takes a value (`--evaluate=False`, not `--no-evaluate`), so any field is `--key=value`.
 TYRO_MARKERS = (tyro.conf.FlagConversionOff,)
 
@@ -57,7 +61,7 @@ def _console_script(run, program: str):
             jax.config.update("jax_compilation_cache_dir", COMPILATION_CACHE)
         try:
             run(sys.argv[1:] if argv is None else argv)
-        except ValueError as error:
+        except USER_ERRORS as error:
             raise SystemExit(f"{program}: error: {error}") from error
 
     main.__doc__ = run.__doc__
@@ -72,6 +76,7 @@ def _say(message: str) -> None:
 def run_train(argv: list[str]) -> dict:
     """`ttt-train`: train (or resume) a run, export its parameters, evaluate it, print where the report is."""
     config = parse_train_args(argv)
+    loop.prepare_workdir(config.workdir)
     if config.multihost:
         loop.initialize_distributed()
     tokenizer = load_tokenizer(config.data.tokenizer)
@@ -139,6 +144,13 @@ class EvalArgs:
     data_dir: str = ""
     mesh: MeshConfig = MeshConfig()
 
+    def __post_init__(self):
+        require(bool(self.checkpoint.strip()), "checkpoint", self.checkpoint, "a training workdir or export folder")
+        require(self.max_length == 0 or self.max_length >= 2, "max_length", self.max_length,
+                "0 (4x the training sequence length) or >= 2 tokens")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        require(self.max_documents >= 0, "max_documents", self.max_documents, ">= 0 (0: all)")
+
 
 def run_eval(argv: list[str]) -> dict:
     """`ttt-eval`: loss by position and context length on held-out documents; JSON + PNG."""
@@ -180,6 +192,15 @@ class GenerateArgs:
     seed: int = 0
     mesh: MeshConfig = MeshConfig(data=1, fsdp=-1)
 
+    def __post_init__(self):
+        require(bool(self.checkpoint.strip()), "checkpoint", self.checkpoint, "a training workdir or export folder")
+        require(bool(self.prompt), "prompt", self.prompt, "some text to continue")
+        require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
+        require(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+                "a finite number >= 0 (0: greedy)")
+        require(self.top_k >= 0, "top_k", self.top_k, ">= 0 (0: all tokens)")
+        require(0 < self.top_p <= 1, "top_p", self.top_p, "a mass in (0, 1] (1: off)")
+
 
 def run_generate(argv: list[str]) -> str:
     """`ttt-generate`: print the prompt's continuation."""
@@ -190,7 +211,7 @@ def run_generate(argv: list[str]) -> str:
         tokenizer = load_tokenizer(config.data.tokenizer)
         prompt = tokenizer.encode(args.prompt)
         if len(prompt) == 0:
-            raise ValueError("the prompt is empty; give some text to continue")
+            raise ValueError(f"prompt={args.prompt!r} encodes to no tokens; expected some text to continue")
         ids = generate(model, prompt[None, :], args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
                        rng=jax.random.key(args.seed))

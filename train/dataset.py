@@ -4,10 +4,14 @@ The train/validation split is by document: a document's name is hashed, and the 
 validation when the hash falls below `validation_fraction`, so adding files never moves an
 existing document between splits, and no document is ever cut between the two splits.
 Works without TensorFlow (`file_format="array_record"`, read back with `as_data_source`).
+
+A build says what it builds from what (documents, bytes, files skipped) instead of tfds' messages
+about downloads, which would be about nothing here; tfds' progress bars show only on a terminal.
 """
 
 import hashlib
 import os
+import sys
 
 import tensorflow_datasets as tfds
 
@@ -59,6 +63,13 @@ class TextDocuments(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict({"name": tfds.features.Text(), "text": tfds.features.Text()}),
         )
 
+    def _log_download_bytes(self) -> None:
+        print(f"building a dataset from {self._documents.description}: {len(self._documents.names)} documents "
+              f"into {self.data_dir}", flush=True)
+
+    def _log_download_done(self) -> None:
+        print(f"dataset written to {self.data_dir}", flush=True)
+
     def _split_generators(self, dl_manager):
         texts = {name: self._documents.read(name) for name in self._documents.names}
         texts = {name: text for name, text in texts.items() if text is not None}
@@ -66,6 +77,10 @@ class TextDocuments(tfds.core.GeneratorBasedBuilder):
             raise ValueError(f"{self._documents.description}: none of its {len(self._documents.names)} files is "
                              f"readable text (UTF-8 without NUL bytes, not blank), e.g. {self._documents.names[0]}")
         held_out = validation_names(tuple(texts), self._validation_fraction)
+        skipped = len(self._documents.names) - len(texts)
+        print(f"read {len(texts)} documents, {sum(len(t.encode()) for t in texts.values()) / 1e6:.1f} MB of text"
+              f"{f' ({skipped} skipped: not readable text)' if skipped else ''}: {len(texts) - len(held_out)} for "
+              f"training, {len(held_out)} held out", flush=True)
         return {
             "train": self._generate_examples({n: t for n, t in texts.items() if n not in held_out}),
             "validation": self._generate_examples({n: t for n, t in texts.items() if n in held_out}),
@@ -84,12 +99,15 @@ def prepare(config: DataConfig) -> TextDocuments:
     """Build the ArrayRecord shards of `config.source` unless an identical build exists; return the builder.
 
     Builds are keyed by the source's fingerprint (its files' paths, sizes and times), so an edited
-    source is rebuilt and an unchanged one is reused.
+    source is rebuilt and an unchanged one is reused. Sets tfds' progress bars (a process-wide setting)
+    on when stderr is a terminal, off otherwise.
     """
     documents = open_source(config.source, config.max_documents)
     key = f"{documents.fingerprint}-{config.validation_fraction}"
     data_dir = os.path.join(os.path.expanduser(config.data_dir or default_data_dir()), key)
     builder = TextDocuments(documents=documents, validation_fraction=config.validation_fraction, data_dir=data_dir)
+    # tfds' progress bars write carriage returns and escape codes: noise in a log file.
+    tfds.display_progress_bar(sys.stderr.isatty())
     builder.download_and_prepare()
     return builder
 

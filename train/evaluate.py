@@ -16,8 +16,9 @@ from jax.sharding import NamedSharding
 from matplotlib.figure import Figure
 
 from ttt.models import generate
+from ttt.models.inputs import check_token_ids
 from ttt.train import mesh as mesh_lib
-from ttt.train import pipeline, step
+from ttt.train import metrics, pipeline, step
 from ttt.train.tokenizers import Tokenizer
 
 REPORT = "report.json"
@@ -54,6 +55,7 @@ def evaluate(model, tokenizer: Tokenizer, validation_source, *, mesh, max_length
              unigram: dict | None = None, seed: int = 0) -> dict:
     """The report: overall loss, by position, by context length, and a few generated samples."""
     tokens, mask, bytes_per_token = pipeline.evaluation_rows(validation_source, tokenizer, max_length, max_documents)
+    check_token_ids(tokens, model.config.vocab_size, name="the held-out tokens")
     ways = mesh_lib.batch_ways(mesh)
     batch_size = -(-batch_size // ways) * ways
     to_bits_per_byte = 1 / math.log(2) / bytes_per_token
@@ -103,7 +105,7 @@ def write_report(report: dict, directory: str, title: str) -> tuple[str, str]:
         return report_path, plot_path
     os.makedirs(directory, exist_ok=True)
     with open(report_path, "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(metrics.json_safe(report), f, indent=2, allow_nan=False)
     # A bare Figure renders with Agg and never touches pyplot's global backend (notebooks keep theirs).
     figure = Figure(figsize=(11, 4))
     by_position, by_context = figure.subplots(1, 2)

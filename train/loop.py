@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from ttt.configs.train import TrainConfig
+from ttt.models.inputs import check_token_ids
 from ttt.train import checkpoint as checkpoint_lib
 from ttt.train import dataset, metrics, pipeline, step
 from ttt.train import mesh as mesh_lib
@@ -50,6 +51,19 @@ def initialize_distributed() -> None:
                                    process_id=int(os.environ["JAX_PROCESS_ID"]))
     else:
         jax.distributed.initialize()
+
+
+def prepare_workdir(workdir: str) -> None:
+    """Create `workdir` if needed; raise ValueError if it is not a writable folder."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"workdir {workdir!r} is an existing file; expected a folder (new or from an earlier run)")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"workdir {workdir!r} cannot be created ({error.strerror}); expected a writable "
+                         "folder") from error
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise ValueError(f"workdir {workdir!r} is not writable; expected a folder this user can write to")
 
 
 def check_batch(config: TrainConfig, mesh) -> int:
@@ -105,7 +119,7 @@ def train(config: TrainConfig, *, progress: bool | None = None, stop_after: int 
       stop_after: save and stop after this step, as a preemption would (the schedule still spans
         `config.steps`); rerunning resumes.
     """
-    os.makedirs(config.workdir, exist_ok=True)
+    prepare_workdir(config.workdir)
     mesh = mesh_lib.make_mesh(config.mesh)
     tokenizer = load_tokenizer(config.data.tokenizer)
     check_fits(tokenizer, config.model.vocab_size)
@@ -118,17 +132,46 @@ def train(config: TrainConfig, *, progress: bool | None = None, stop_after: int 
         process_count=jax.process_count())
     data_iterator = pipeline.CheckpointableIterator(batches)
     checkpointer = checkpoint_lib.Checkpointer(config.workdir, keep=config.keep_checkpoints)
-    resuming = checkpointer.latest_step() is not None
-    if resuming:
-        checkpoint_lib.check_compatible(checkpointer.stored_config(), config, checkpointer.directory)
     with mesh_lib.activate(mesh):
         model = step.create_model(config.model, mesh, config.seed)
         optimizer = nnx.Optimizer(model, make_optimizer(config.optimizer, config.steps), wrt=nnx.Param)
-        start = checkpointer.restore(model, optimizer, data_iterator) if resuming else 0
+        start = resume(checkpointer, config, model, optimizer, data_iterator)
         run = _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, local_batch, progress,
                     min(stop_after or config.steps, config.steps))
     checkpointer.close()
     return dataclasses.replace(run, data=builder)
+
+
+def resume(checkpointer: checkpoint_lib.Checkpointer, config: TrainConfig, model, optimizer, data_iterator) -> int:
+    """Restore the newest intact checkpoint into model, optimizer and iterator; returns its step (0: none yet).
+
+    A damaged newer checkpoint is renamed `<step>.damaged` with a warning, and the one before it is
+    tried. Never starts silently from step 0 over damaged checkpoints: when all are damaged, raises
+    DamagedCheckpointError. A checkpoint of an incompatible config raises ValueError (not a fallback).
+    """
+    damaged = []
+    for candidate in reversed(checkpointer.all_steps()):
+        try:
+            checkpoint_lib.check_compatible(checkpointer.stored_config(candidate), config, checkpointer.directory)
+            restored = checkpointer.restore(model, optimizer, data_iterator, candidate)
+        except checkpoint_lib.DamagedCheckpointError as error:
+            _warn(f"warning: {error}; trying the checkpoint before it")
+            damaged.append(candidate)
+            continue
+        for step_number in damaged:
+            _warn(f"warning: resuming from step {restored} instead; the damaged checkpoint is kept as "
+                  f"{checkpointer.set_aside(step_number)}")
+        return restored
+    if damaged:
+        raise checkpoint_lib.DamagedCheckpointError(
+            f"every checkpoint in {checkpointer.directory} is damaged (steps {', '.join(map(str, sorted(damaged)))}); "
+            "move them away to train again from step 0, or use a new --workdir")
+    return 0
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, local_batch, progress, last) -> Run:
@@ -148,7 +191,9 @@ def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, lo
     window_start, window_steps = None, 0
     with _StopOnSignal() as stop:
         for current in range(start + 1, last + 1):
-            local = next(data_iterator).reshape(accumulation, local_batch // accumulation, -1)
+            local = next(data_iterator)
+            check_token_ids(local, config.model.vocab_size, name=f"the training batch of step {current}")
+            local = local.reshape(accumulation, local_batch // accumulation, -1)
             tokens = jax.make_array_from_process_local_data(sharding, local, global_shape)
             inner_lr_scale = np.float32(inner_lr_scale_at(current - 1))
             result = jax.device_get(step.train_step(model, optimizer, tokens, inner_lr_scale))

@@ -5,6 +5,7 @@ undercounts the layer scan and the TTT inner loop.
 """
 
 import json
+import math
 import os
 
 import jax
@@ -55,8 +56,21 @@ def peak_flops_per_device(override: float = 0.0) -> float:
     return next((peak for prefix, peak in PEAK_FLOPS_PER_DEVICE.items() if kind.startswith(prefix)), 0.0)
 
 
+def json_safe(value):
+    """`value` with every non-finite float (NaN, inf) replaced by None, so that `json.dumps(..., allow_nan=False)`
+    writes strict JSON (`null`), which every JSON reader accepts; dicts, lists and tuples are walked."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 class MetricsWriter:
-    """Appends one JSON object per logged step to `workdir/metrics.jsonl` (process 0 only)."""
+    """Appends one JSON object per logged step to `workdir/metrics.jsonl` (process 0 only): JSON Lines, with
+    `null` for a value that is not a finite number (the first line's tokens_per_s, a skipped step's loss)."""
 
     def __init__(self, workdir: str, *, tensorboard: bool):
         self.enabled = jax.process_index() == 0
@@ -73,10 +87,10 @@ class MetricsWriter:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps(json_safe({"step": step, **metrics}), allow_nan=False) + "\n")
         if self._summary is not None:
             for name, value in metrics.items():
-                if isinstance(value, (int, float)):
+                if isinstance(value, (int, float)) and math.isfinite(value):
                     self._summary.add_scalar(name, value, step)
 
     def close(self) -> None:

@@ -42,7 +42,11 @@ class SentencePieceTokenizer:
     def __init__(self, path: str):
         import sentencepiece
 
-        self._processor = sentencepiece.SentencePieceProcessor(model_file=path)
+        try:
+            self._processor = sentencepiece.SentencePieceProcessor(model_file=path)
+        except (RuntimeError, OSError) as error:
+            raise ValueError(f"tokenizer {path}: not a SentencePiece model file ({error}); expected a .model "
+                             "written by sentencepiece's trainer") from error
         self.vocab_size = self._processor.vocab_size()
         self.end_of_document_id = self._processor.eos_id()
         if self.end_of_document_id < 0:
@@ -62,7 +66,11 @@ class HuggingFaceTokenizer:
     def __init__(self, path: str):
         import tokenizers
 
-        self._tokenizer = tokenizers.Tokenizer.from_file(path)
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_file(path)
+        except Exception as error:  # the Rust library raises a bare Exception for any file it cannot parse
+            raise ValueError(f"tokenizer {path}: not a Hugging Face tokenizers file ({error}); expected the .json "
+                             "written by `tokenizers.Tokenizer.save`") from error
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         found = [self._tokenizer.token_to_id(token) for token in END_OF_DOCUMENT_TOKENS]
         found = [token_id for token_id in found if token_id is not None]
