@@ -37,34 +37,40 @@ IMPLEMENTATIONS = {
 }
 
 
-def timed_runs(fn, args, repeats, slow_seconds):
-    """Median seconds of `repeats` runs after a warm-up (one run if the warm-up was slow)."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    if time.perf_counter() - start > slow_seconds:
-        repeats = 1
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
-
-
-def measure(name, seq, window, shapes, repeats, memory_limit, slow_seconds):
-    """One row: temporaries of forward and forward+backward, and their times where they fit."""
+def prepare(name, seq, window, shapes, memory_limit):
+    """A row with the temporaries of forward and forward+backward, and the jitted functions (with
+    their inputs and warm-up seconds) of those that fit under `memory_limit`."""
     attention = IMPLEMENTATIONS[name]
     forward = jax.jit(lambda q, k, v: attention(q, k, v, window))
     backward = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attention(q, k, v, window)), argnums=(0, 1, 2)))
     keys = jax.random.split(jax.random.key(seq), 3)
     args = tuple(jax.random.normal(key, shape, jnp.float32) for key, shape in zip(keys, shapes(seq)))
-    row = {"seq": seq, "implementation": name}
+    row, runnable = {"seq": seq, "implementation": name}, {}
     for label, fn in (("forward", forward), ("forward_backward", backward)):
         row[f"{label}_temp_bytes"] = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
-    for label, fn in (("forward", forward), ("forward_backward", backward)):
         if row[f"{label}_temp_bytes"] <= memory_limit:
-            row[f"{label}_s"], row[f"{label}_all_s"] = timed_runs(fn, args, repeats, slow_seconds)
-    return row
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))  # compile + warm-up
+            runnable[label] = (fn, args, time.perf_counter() - start)
+    return row, runnable
+
+
+def time_round_robin(prepared, repeats, slow_seconds):
+    """Adds median seconds (and all runs) to each row. Every round runs every function once, so a
+    change in machine load affects all lengths alike; functions whose warm-up took over
+    `slow_seconds` run in the first round only."""
+    for round_index in range(repeats):
+        for row, runnable in prepared:
+            for label, (fn, args, warm_up) in runnable.items():
+                if round_index and warm_up > slow_seconds:
+                    continue
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                row.setdefault(f"{label}_all_s", []).append(time.perf_counter() - start)
+    for row, _ in prepared:
+        for label in ("forward", "forward_backward"):
+            if f"{label}_all_s" in row:
+                row[f"{label}_s"] = statistics.median(row[f"{label}_all_s"])
 
 
 def print_table(rows, shortest):
@@ -106,15 +112,16 @@ def main(argv=None):
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores); {MODEL} attention: heads {heads}, kv_heads {kv_heads}, head_dim {head_dim}, "
           f"window {window}; load average before: {os.getloadavg()[0]:.1f}")
-    rows = []
+    prepared = []
     for seq in sorted(args.seqs):
         for name in args.implementations:
-            row = measure(name, seq, window, shapes, args.repeats, args.memory_limit_gib * 2**30, args.slow_seconds)
-            rows.append(row)
-            times = "  ".join(f"{label} {row[label + '_s'] * 1e3:.1f} ms" if label + "_s" in row else f"{label} not run"
-                              for label in ("forward", "forward_backward"))
-            print(f"  seq {seq:7d} {name:10s} {times}; temporaries {row['forward_temp_bytes'] / 2**20:.1f} / "
-                  f"{row['forward_backward_temp_bytes'] / 2**20:.1f} MiB", flush=True)
+            row, runnable = prepare(name, seq, window, shapes, args.memory_limit_gib * 2**30)
+            prepared.append((row, runnable))
+            print(f"  seq {seq:7d} {name:10s} temporaries {row['forward_temp_bytes'] / 2**20:.1f} / "
+                  f"{row['forward_backward_temp_bytes'] / 2**20:.1f} MiB; runs: {', '.join(runnable) or 'none'}",
+                  flush=True)
+    time_round_robin(prepared, args.repeats, args.slow_seconds)
+    rows = [row for row, _ in prepared]
     print_table(rows, min(args.seqs))
     result = {"rows": rows, "model": MODEL, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
               "window": window, "load_average_after": os.getloadavg(), "jax": jax.__version__,
