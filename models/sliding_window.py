@@ -34,6 +34,8 @@ def _overlapping_spans(array: jax.Array, front: int, back: int, block: int, halo
     halo + block - 1. Padding is zero (False for masks). Built from shifted views of one reshaped
     array, so the cost is a copy, not a gather.
     """
+    if front + array.shape[1] + back == halo + block:  # a single span (short continuations, decoding)
+        return jnp.pad(array, [(0, 0), (front, back)] + [(0, 0)] * (array.ndim - 2))[:, None]
     reach = -(-halo // block)  # whole blocks covering the halo
     extra = reach * block - halo
     pad = [(0, 0), (front + extra, back)] + [(0, 0)] * (array.ndim - 2)

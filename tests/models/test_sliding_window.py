@@ -83,6 +83,15 @@ def test_continuation_from_cache_with_missing_keys(chunk_size):
     np.testing.assert_allclose(output, full[:, cached:], atol=1e-6)
 
 
+def test_one_query_after_a_partly_filled_cache():
+    """The decoding shape: one query, window - 1 cached keys before it, some not yet written."""
+    window = 8
+    query, key, value = inputs(window, kv_heads=2, seed=3)
+    key_valid = jnp.asarray(np.arange(window)[None, :] >= np.array([[5], [0]]))
+    output = attend(query[:, -1:], key, value, window, key_valid=key_valid)
+    np.testing.assert_allclose(output, reference(query[:, -1:], key, value, window, key_valid), atol=2e-5)
+
+
 def test_query_without_valid_keys_gives_zero_and_finite_gradients():
     window = 4
     query, key, value = inputs(10, kv_heads=2)
