@@ -15,12 +15,16 @@ from jax.sharding import PartitionSpec as P
 from ttt.configs import ModelConfig
 from ttt.context import DEFAULT, Context
 from ttt.models.layers import normal_init, rms_norm
+from ttt.models.sliding_window import sliding_window_attention
 from ttt.rope import rotary_embedding
 from ttt.sharding import constrain
 
 
 def causal_attention(query: jax.Array, key: jax.Array, value: jax.Array, window: int | None) -> jax.Array:
     """Softmax attention of every position to itself and the positions before it.
+
+    Full attention is the quadratic baseline; a sliding window runs blockwise, in time and memory
+    linear in the sequence (models/sliding_window.py).
 
     Args:
       query: [batch, seq, heads, head_dim].
@@ -30,13 +34,14 @@ def causal_attention(query: jax.Array, key: jax.Array, value: jax.Array, window:
     Returns:
       [batch, seq, heads, head_dim].
     """
-    local_window = None if window is None else (window - 1, 0)
-    return jax.nn.dot_product_attention(query, key, value, is_causal=True, local_window_size=local_window)
+    if window is None:
+        return jax.nn.dot_product_attention(query, key, value, is_causal=True)
+    return sliding_window_attention(query, key, value, window)
 
 
 def attention_after_cache(query: jax.Array, key: jax.Array, value: jax.Array, key_positions: jax.Array,
                           query_positions: jax.Array, window: int) -> jax.Array:
-    """Queries against keys given with their positions (negative: an empty cache slot).
+    """Queries against keys given with their positions (negative: an empty cache slot); dense.
 
     Args:
       query: [batch, q_len, heads, head_dim]; key, value: [batch, kv_len, kv_heads, head_dim].
@@ -108,9 +113,13 @@ class Attention(nnx.Module):
         ordered = lambda cache: jnp.take(cache, previous % slots, axis=1).astype(key.dtype)
         keys = jnp.concatenate([ordered(state["key"]), key], axis=1)
         values = jnp.concatenate([ordered(state["value"]), value], axis=1)
-        key_positions = jnp.concatenate([previous, position + jnp.arange(seq)])
-        attended = attention_after_cache(query, keys, values, key_positions, position + jnp.arange(seq),
-                                         self.window or slots)
+        if self.window is None:
+            key_positions = jnp.concatenate([previous, position + jnp.arange(seq)])
+            attended = attention_after_cache(query, keys, values, key_positions, position + jnp.arange(seq), slots)
+        else:
+            key_valid = jnp.concatenate([previous >= 0, jnp.ones((seq,), bool)])
+            attended = sliding_window_attention(query, keys, values, self.window,
+                                                key_valid=jnp.broadcast_to(key_valid, keys.shape[:2]))
         # The last `slots` keys become the cache, rolled so that position p sits in slot p % slots.
         ring = lambda a: jnp.roll(a[:, -slots:], (position + seq) % slots, axis=1).astype(self.config.dtype)
         return self._output(attended), {"key": ring(keys), "value": ring(values), "position": position + seq}

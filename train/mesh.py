@@ -152,6 +152,19 @@ def activate(mesh: Mesh):
         yield
 
 
+def state_shardings(axes, mesh: Mesh):
+    """NamedShardings of a state (a cache or a memory) from its logical axis names.
+
+    Args:
+      axes: a pytree of `PartitionSpec`s of logical names, e.g. `LM.cache_axes()`.
+    Returns:
+      the same pytree with a `NamedSharding` on `mesh` per array (activation rules: a mesh axis an
+      earlier dimension uses is not used again).
+    """
+    return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), activation=True)), axes,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
 def batch_ways(mesh: Mesh) -> int:
     """How many ways the rules split a batch's rows on `mesh` (its size must be a multiple)."""
     return _axis_size(mesh, dict(LOGICAL_AXIS_RULES)["batch"])
