@@ -22,20 +22,22 @@ HYBRID_PATTERN = "ttt_linear,swa"
 HYBRID_WINDOW = 512
 TINY_WINDOW = 64
 # Families: name prefix -> fields shared by all sizes.
+# The TTT families are the paper's `-TTT` configurations (ttt-lm-jax CONFIGS): every block starts
+# with the residual pre-convolution, whichever the TTT layer's backbone.
 FAMILIES = {
     "transformer": dict(layer_pattern="attention"),
-    "ttt-linear": dict(layer_pattern="ttt_linear", backbone="mamba"),
-    "ttt-mlp": dict(layer_pattern="ttt_mlp", backbone="mamba"),
-    "ttt-linear-transformer-backbone": dict(layer_pattern="ttt_linear", backbone="transformer"),
-    "ttt-mlp-transformer-backbone": dict(layer_pattern="ttt_mlp", backbone="transformer"),
+    "ttt-linear": dict(layer_pattern="ttt_linear", backbone="mamba", pre_conv=True),
+    "ttt-mlp": dict(layer_pattern="ttt_mlp", backbone="mamba", pre_conv=True),
+    "ttt-linear-transformer-backbone": dict(layer_pattern="ttt_linear", backbone="transformer", pre_conv=True),
+    "ttt-mlp-transformer-backbone": dict(layer_pattern="ttt_mlp", backbone="transformer", pre_conv=True),
     "hybrid-swa-ttt": dict(layer_pattern=HYBRID_PATTERN, sliding_window=HYBRID_WINDOW, backbone="mamba"),
 }
 TINY = dict(vocab_size=256, num_layers=4, hidden_size=128, num_heads=4, mlp_hidden_size=384,
             max_seq_len=2048, mini_batch_size=16)
 TINY_FAMILIES = {
     "transformer-tiny": dict(layer_pattern="attention"),
-    "ttt-linear-tiny": dict(layer_pattern="ttt_linear"),
-    "ttt-mlp-tiny": dict(layer_pattern="ttt_mlp"),
+    "ttt-linear-tiny": dict(layer_pattern="ttt_linear", pre_conv=True),
+    "ttt-mlp-tiny": dict(layer_pattern="ttt_mlp", pre_conv=True),
     "hybrid-tiny": dict(layer_pattern=HYBRID_PATTERN, sliding_window=TINY_WINDOW),
 }
 

@@ -174,7 +174,6 @@ class TTTLayer(nnx.Module):
         return constrain(y, ("batch", "seq", "embed"))
 
 
-def _conv_init(key, shape, dtype):
-    """Uniform(-1/sqrt(K), 1/sqrt(K)): PyTorch Conv1d's default for a depthwise kernel of width K."""
-    bound = shape[0] ** -0.5
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
+# Truncated normal of standard deviation 1/sqrt(K) for a depthwise kernel [K, heads, head_dim]: the
+# default of the flax convolution in the reference code of Sun et al. 2024.
+_conv_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))

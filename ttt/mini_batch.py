@@ -1,6 +1,6 @@
 """Cutting a sequence into mini-batches, and the inner-optimizer coefficients of each.
 
-Mini-batch GD with per-token learning rate eta_j and per-position scale s_i (DESIGN section 3):
+Mini-batch GD with per-token learning rate eta_j and per-position scale s_i (docs/MATH.md):
 the weights seen by position i of a mini-batch are
 
   theta_i = theta_n - sum_j coeff[i, j] * grad l(theta_n; k_j, v_j),   coeff[i, j] = s_i * eta_j * [j <= i]

@@ -1,4 +1,4 @@
-"""The reconstruction objective of TTT-Linear / TTT-MLP (DESIGN section 3).
+"""The reconstruction objective of TTT-Linear / TTT-MLP (docs/MATH.md).
 
   f(x; theta) = x + LN(g(x; theta))                        (layer output)
   l(theta; k, v) = 1/2 || LN(g(k; theta)) - (v - k) ||^2   (inner loss)

@@ -61,7 +61,8 @@ def test_125m_transformer_is_about_110m():
 @pytest.mark.parametrize("name", configs.names())
 def test_every_preset_counts_as_the_sum_of_its_layers(name):
     """`ttt-info` on the abstract LM (nnx.eval_shape) reports embedding + each layer's mixer, MLP
-    and norms counted on standalone modules + final norm, and the layer pattern."""
+    and norms counted on standalone modules (+ the pre-convolution's kernel, bias and norm) + final
+    norm, and the layer pattern."""
     config = configs.get(name)
     mixer_counts = {
         "attention": lambda: Attention(config, window=None, rngs=nnx.Rngs(0)),
@@ -71,7 +72,8 @@ def test_every_preset_counts_as_the_sum_of_its_layers(name):
     }
     mlp = abstract_count(lambda: SwiGLU(config, rngs=nnx.Rngs(0)))
     mixer_count = {mixer: abstract_count(mixer_counts[mixer]) for mixer in set(config.pattern)}
-    layers = sum(mixer_count[mixer] + mlp + 2 * config.hidden_size for mixer in config.mixers)
+    pre_conv = (config.conv_kernel + 2) * config.hidden_size if config.pre_conv else 0
+    layers = sum(mixer_count[mixer] + mlp + 2 * config.hidden_size + pre_conv for mixer in config.mixers)
     count = config.vocab_size * config.hidden_size + layers + config.hidden_size
     description = info.describe(name)  # what `ttt-info --config NAME` prints
     assert f"parameters:      {count:,} " in description

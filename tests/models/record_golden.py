@@ -24,8 +24,11 @@ def golden_ids(vocab_size: int) -> np.ndarray:
 
 
 def golden_model(name: str) -> LM:
-    """The preset with every parameter set from `golden_params.value` of its canonical name."""
-    model = LM(configs.get(name), rngs=nnx.Rngs(0))
+    """The preset with every parameter set from `golden_params.value` of its canonical name.
+
+    The logits were recorded before blocks had a pre-convolution, so it is off here.
+    """
+    model = LM(configs.get(name, pre_conv=False), rngs=nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)
     filled = jax.tree_util.tree_map_with_path(
         lambda path, x: golden_params.value(golden_params.canonical_name(path), x.shape), state)

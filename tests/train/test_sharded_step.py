@@ -1,10 +1,12 @@
-"""A sharded forward pass and training step on 8 CPU devices equal the single-device ones.
+"""A sharded forward pass and training step on 8 CPU devices equal the single-device ones; the step
+compiles once across inner-LR scales.
 
 The sharded step also accumulates gradients over two micro-batches while the single-device step
 takes the batch whole, so the same comparison checks gradient accumulation.
 """
 
 import jax
+import jax.monitoring
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -16,14 +18,24 @@ from ttt.train.optim import make_optimizer
 from ttt.train.step import create_model, token_sharding, train_step
 
 
+_COMPILATIONS = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kwargs: _COMPILATIONS.append(event) if event.endswith("backend_compile_duration") else None)
+
+
 def _forward_and_step(mesh, model, tokens: np.ndarray, accumulation: int):
     with mesh_lib.activate(mesh):
         optimizer = nnx.Optimizer(model, make_optimizer(OptimizerConfig(warmup_steps=0), 10), wrt=nnx.Param)
         ids = jax.device_put(tokens[:, :-1], mesh_lib.batch_sharding(mesh))
         logits = nnx.jit(lambda m, x: m(x))(model, ids)
         micro_batches = jax.device_put(tokens.reshape(accumulation, -1, tokens.shape[-1]), token_sharding(mesh))
-        metrics = train_step(model, optimizer, micro_batches)
+        metrics = train_step(model, optimizer, micro_batches, np.float32(1.0))
         params = {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        # The inner-LR scale is traced: new values (the warmup's ramp) reuse the compiled step.
+        compiled_before = len(_COMPILATIONS)
+        for scale in (0.25, 0.5):
+            jax.block_until_ready(train_step(model, optimizer, micro_batches, np.float32(scale)))
+        assert len(_COMPILATIONS) == compiled_before, "train_step recompiled for a new inner-LR scale"
     return np.asarray(logits), jax.device_get(metrics), params
 
 

@@ -1,4 +1,4 @@
-"""A naive float64 numpy TTT, written straight from DESIGN section 3 (independent of ttt/).
+"""A naive float64 numpy TTT, written straight from docs/MATH.md (independent of ttt/).
 
 Per head and token t (mini-batch n, position i inside it, 1-based):
   theta_t = theta_n - s_i * sum_{j=1..i} eta_j * grad l(theta_n; k_j, v_j)

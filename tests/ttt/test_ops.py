@@ -1,4 +1,4 @@
-"""ttt.ops against the float64 reference of DESIGN section 3: every form, both inner models."""
+"""ttt.ops against the float64 reference of docs/MATH.md: every form, both inner models."""
 
 import functools
 
