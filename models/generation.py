@@ -48,10 +48,10 @@ def sample(logits: jax.Array, rng: jax.Array, *, temperature: float = 1.0, top_k
 
 
 @functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate_new_tokens(model: LM, prompt_ids: jax.Array, rng: jax.Array, *, max_new_tokens: int,
+def _generate_new_tokens(model: LM, prompt_ids: jax.Array, rng: jax.Array, cache, *, max_new_tokens: int,
                          temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
     draw = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
-    logits, cache = model.extend(prompt_ids)
+    logits, cache = model.extend(prompt_ids, cache)
     rng, key = jax.random.split(rng)
     first = draw(logits[:, -1, :], key)
 
@@ -79,6 +79,8 @@ def generate(model: LM, prompt_ids: jax.Array, max_new_tokens: int, *, temperatu
       max_new_tokens: tokens to add (>= 0).
       temperature, top_k, top_p: see `sample`; temperature 0 is greedy decoding.
       rng: PRNG key for sampling; defaults to `jax.random.key(0)`.
+      cache: read the prompt after what this cache holds (`LM.extend`'s cache, e.g. made from a
+        memory of earlier documents) instead of from the initial state.
     Returns:
       int32 [batch, prompt + max_new_tokens]: the prompt followed by the new tokens.
     """
@@ -96,6 +98,6 @@ def generate(model: LM, prompt_ids: jax.Array, max_new_tokens: int, *, temperatu
     if max_new_tokens == 0:
         return prompt_ids
     rng = jax.random.key(0) if rng is None else rng
-    new_tokens = _generate_new_tokens(model, prompt_ids, rng, max_new_tokens=max_new_tokens,
+    new_tokens = _generate_new_tokens(model, prompt_ids, rng, cache, max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_k=top_k, top_p=top_p)
     return jnp.concatenate([prompt_ids, new_tokens], axis=1)

@@ -51,14 +51,8 @@ class LM(nnx.Module):
                context: Context = DEFAULT) -> tuple[jax.Array, Cache]:
         """ids: int32 [batch, seq] read after `cache` (None: the initial state) ->
         (logits [batch, seq, vocab] in the compute dtype, cache after ids)."""
-        check_token_ids(ids, self.config.vocab_size)
-        x = self._embed(ids)
-        states = [None] * len(self.stages) if cache is None else cache["stages"]
-        new_states = []
-        for stage, state in zip(self.stages, states):
-            x, state = stages_lib.run_stage(stage, x, state, context)
-            new_states.append(state)
-        return self._logits(self.final_norm(x)), {"stages": new_states}
+        hidden, cache = self._read(ids, cache, context)
+        return self._logits(hidden), cache
 
     def hidden_states(self, ids: jax.Array, context: Context = DEFAULT) -> jax.Array:
         """ids: int32 [batch, seq] -> final-normed hidden states [batch, seq, embed], from the initial state,
@@ -73,8 +67,8 @@ class LM(nnx.Module):
         """ids: int32 [batch, seq] -> logits [batch, seq, vocab] in the compute dtype."""
         return self._logits(self.hidden_states(ids, context))
 
-    def loss(self, ids: jax.Array, mask: jax.Array | None = None,
-             context: Context = DEFAULT) -> tuple[jax.Array, jax.Array]:
+    def loss(self, ids: jax.Array, mask: jax.Array | None = None, context: Context = DEFAULT,
+             cache: Cache | None = None) -> tuple[jax.Array, jax.Array]:
         """Next-token cross-entropy: positions :-1 predict ids[:, 1:].
 
         Args:
@@ -83,6 +77,8 @@ class LM(nnx.Module):
             targets ids[:, 1:]) or [batch, seq] (aligned with ids; column 0 is never a target and
             is dropped). None weights every target 1.
           context: per-call inputs (the inner-LR scale of training's warmup).
+          cache: read ids after what this cache holds (e.g. a memory of earlier documents) instead
+            of from the initial state.
         Returns:
           (loss, per_token_loss): the mask-weighted mean, a float32 scalar (0 when the mask is all
           zero), and the unweighted float32 [batch, seq - 1] losses. The float32 logits are
@@ -92,7 +88,10 @@ class LM(nnx.Module):
         batch, seq = ids.shape
         if seq < 2:
             raise ValueError(f"loss needs sequences of at least 2 tokens; got ids of shape {ids.shape}")
-        hidden = self.hidden_states(ids[:, :-1], context)
+        if cache is None:
+            hidden = self.hidden_states(ids[:, :-1], context)
+        else:
+            hidden, _ = self._read(ids[:, :-1], cache, context)
         per_token = chunked_cross_entropy(hidden, self._unembedding(), ids[:, 1:], self.config.loss_chunk_size)
         if mask is None:
             return per_token.mean(), per_token
@@ -114,6 +113,17 @@ class LM(nnx.Module):
         return {"stages": [stages_lib.stage_state_axes(stage) for stage in self.stages]}
 
     # -- pieces ---------------------------------------------------------------------------
+
+    def _read(self, ids: jax.Array, cache: Cache | None, context: Context) -> tuple[jax.Array, Cache]:
+        """ids read after `cache` -> (final-normed hidden states [batch, seq, embed], cache after ids)."""
+        check_token_ids(ids, self.config.vocab_size)
+        x = self._embed(ids)
+        states = [None] * len(self.stages) if cache is None else cache["stages"]
+        new_states = []
+        for stage, state in zip(self.stages, states):
+            x, state = stages_lib.run_stage(stage, x, state, context)
+            new_states.append(state)
+        return self.final_norm(x), {"stages": new_states}
 
     def _unembedding(self) -> jax.Array:
         """[embed, vocab] matrix mapping final hidden states to logits."""
