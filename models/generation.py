@@ -67,7 +67,8 @@ def _generate_new_tokens(model: LM, prompt_ids: jax.Array, rng: jax.Array, cache
 
 
 def generate(model: LM, prompt_ids: jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None) -> jax.Array:
+             top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
+             cache=None) -> jax.Array:
     """Continues every prompt by `max_new_tokens` sampled tokens.
 
     The prompt is read once with `model.extend`; the new tokens come from a `lax.scan` of one-token
