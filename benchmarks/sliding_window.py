@@ -3,9 +3,10 @@
 Shapes are those of hybrid-tiny's `swa` layers (batch 1, its heads, head_dim and window), float32.
 For each sequence length and implementation:
   blockwise: ttt.models.sliding_window.sliding_window_attention (default block and chunk sizes);
-  dense:     ttt.models.attention.causal_attention, i.e. jax.nn.dot_product_attention with a local
-             window, which on CPU builds the full seq x seq score matrix.
-it reports XLA's planned temporary bytes of the jitted forward and forward+backward (from
+  dense:     jax.nn.dot_product_attention with a local window (what sliding-window layers called
+             before), which on CPU builds the full seq x seq score matrix.
+and for the whole model (`model`: hybrid-tiny's forward on token ids, and the gradient of its loss
+with respect to its parameters), it reports XLA's planned temporary bytes of the jitted forward and forward+backward (from
 `compile().memory_analysis()`, so they are known even where the run would not fit), and, for
 each of the two whose temporaries fit under --memory-limit-gib, its median time and its time per
 token relative to the shortest length. The backward is the gradient of sum(output)
@@ -14,6 +15,7 @@ with respect to query, key and value. A configuration whose warm-up run takes ov
 
   python benchmarks/sliding_window.py                     # 2K .. 128K, prints a table, writes JSON
   python benchmarks/sliding_window.py --seqs 2048 8192 --repeats 3 --out /tmp/swa.json
+  python benchmarks/sliding_window.py --implementations model --seqs 2048 32768 131072   # the whole model
 """
 
 import argparse
@@ -25,26 +27,51 @@ import time
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from ttt import configs
-from ttt.models.attention import causal_attention
+from ttt.models import LM
 from ttt.models.sliding_window import sliding_window_attention
 
 MODEL = "hybrid-tiny"
+
+
+def dense_sliding_window(query, key, value, window):
+    return jax.nn.dot_product_attention(query, key, value, is_causal=True, local_window_size=(window - 1, 0))
+
+
 IMPLEMENTATIONS = {
     "blockwise": sliding_window_attention,
-    "dense": causal_attention,
+    "dense": dense_sliding_window,
+    "model": None,  # the whole hybrid-tiny LM
 }
+
+
+def model_functions(seq):
+    """hybrid-tiny's forward on [1, seq] ids and the gradient of its loss, with their arguments."""
+    config = configs.get(MODEL, max_seq_len=seq)
+    graphdef, params = nnx.split(LM(config, rngs=nnx.Rngs(0)))
+    ids = jax.random.randint(jax.random.key(seq), (1, seq), 0, config.vocab_size)
+    forward = jax.jit(lambda params, ids: nnx.merge(graphdef, params)(ids))
+    backward = jax.jit(jax.value_and_grad(lambda params, ids: nnx.merge(graphdef, params).loss(ids)[0]))
+    return forward, backward, (params, ids)
+
+
+def attention_functions(name, seq, window, shapes):
+    attention = IMPLEMENTATIONS[name]
+    forward = jax.jit(lambda q, k, v: attention(q, k, v, window))
+    backward = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attention(q, k, v, window)), argnums=(0, 1, 2)))
+    keys = jax.random.split(jax.random.key(seq), 3)
+    return forward, backward, tuple(jax.random.normal(key, shape, jnp.float32) for key, shape in zip(keys, shapes(seq)))
 
 
 def prepare(name, seq, window, shapes, memory_limit):
     """A row with the temporaries of forward and forward+backward, and the jitted functions (with
     their inputs and warm-up seconds) of those that fit under `memory_limit`."""
-    attention = IMPLEMENTATIONS[name]
-    forward = jax.jit(lambda q, k, v: attention(q, k, v, window))
-    backward = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(attention(q, k, v, window)), argnums=(0, 1, 2)))
-    keys = jax.random.split(jax.random.key(seq), 3)
-    args = tuple(jax.random.normal(key, shape, jnp.float32) for key, shape in zip(keys, shapes(seq)))
+    if name == "model":
+        forward, backward, args = model_functions(seq)
+    else:
+        forward, backward, args = attention_functions(name, seq, window, shapes)
     row, runnable = {"seq": seq, "implementation": name}, {}
     for label, fn in (("forward", forward), ("forward_backward", backward)):
         row[f"{label}_temp_bytes"] = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes

@@ -24,7 +24,9 @@ def test_cache_saved_on_one_mesh_continues_on_another(tmp_path):
         whole = nnx.jit(lambda m, ids: m(ids))(model, jax.device_put(ids, mesh_lib.batch_sharding(first)))
         _, cache = extend(model, jax.device_put(ids[:, :11], mesh_lib.batch_sharding(first)), None)
         cache = jax.device_put(cache, mesh_lib.state_shardings(model.cache_axes(), first))
-        ocp.StandardCheckpointer().save(tmp_path / "cache", cache)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp_path / "cache", cache)
+        checkpointer.wait_until_finished()  # saving is asynchronous
 
     second = mesh_lib.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     with mesh_lib.activate(second):
