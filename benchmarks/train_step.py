@@ -1,0 +1,113 @@
+"""One whole training step (forward, backward, AdamW update) of the 125M presets, by sequence length.
+
+For each preset and sequence length, a fresh process builds the model on one CPU device, compiles
+`ttt.train.step.train_step` for one row of `seq + 1` tokens (batch 1, float32), runs it once to
+warm up and `--repeats` more times; it reports the median step time, tokens per second, the time
+relative to the Transformer of the same length, and the process's peak resident memory (each
+configuration has a process of its own, so the peak is its own). Every model uses the same
+rematerialisation (`--remat`, default full: one scanned group's activations at a time), so that
+full attention at 8K fits in memory.
+
+  python benchmarks/train_step.py                                  # 125M presets at 2K and 8K
+  python benchmarks/train_step.py --seqs 2048 --repeats 2 --out /tmp/train_step.json
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+PRESETS = ("transformer-125m", "ttt-linear-125m", "ttt-mlp-125m", "hybrid-swa-ttt-125m")
+BASELINE = "transformer-125m"
+
+
+def measure(preset: str, seq: int, repeats: int, remat: str) -> dict:
+    """Runs in the child process: compile, warm up and time one configuration."""
+    import jax
+    import numpy as np
+
+    from ttt import configs
+    from ttt.configs.train import MeshConfig, OptimizerConfig
+    from ttt.train import mesh as mesh_lib
+    from ttt.train.optim import make_optimizer
+    from ttt.train.step import create_model, token_sharding, train_step
+    from flax import nnx
+
+    config = configs.get(preset, max_seq_len=max(seq, 2048), remat=remat)
+    mesh = mesh_lib.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, 1, seq + 1), dtype=np.int32)
+    with mesh_lib.activate(mesh):
+        model = create_model(config, mesh, seed=0)
+        optimizer = nnx.Optimizer(model, make_optimizer(OptimizerConfig(), 100), wrt=nnx.Param)
+        tokens = jax.device_put(tokens, token_sharding(mesh))
+        start = time.perf_counter()
+        jax.block_until_ready(train_step(model, optimizer, tokens, np.float32(1.0)))
+        compile_and_first = time.perf_counter() - start
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(train_step(model, optimizer, tokens, np.float32(1.0)))
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    return {"preset": preset, "seq": seq, "step_s": step_s, "all_s": times, "tokens_per_s": seq / step_s,
+            "compile_and_first_s": compile_and_first, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def run_child(preset: str, seq: int, repeats: int, remat: str) -> dict:
+    """`measure` in a fresh process (its own peak memory); a failure (e.g. out of memory) is a row too."""
+    command = [sys.executable, __file__, "--child", preset, str(seq), str(repeats), remat]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        return {"preset": preset, "seq": seq, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows: list[dict]) -> None:
+    baseline = {r["seq"]: r for r in rows if r["preset"] == BASELINE and "step_s" in r}
+    header = f"{'preset':24} {'seq':>6} {'step s':>8} {'tokens/s':>9} {'vs transformer':>15} {'peak GiB':>9}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['preset']:24} {r['seq']:6d}  failed: {r['error']}")
+            continue
+        base = baseline.get(r["seq"])
+        ratio = f"{base['step_s'] / r['step_s']:14.2f}x" if base else f"{'-':>15}"
+        print(f"{r['preset']:24} {r['seq']:6d} {r['step_s']:8.2f} {r['tokens_per_s']:9.0f} {ratio} "
+              f"{r['peak_rss_gib']:9.2f}")
+    print("(vs transformer: the Transformer's step time over this one's, > 1 is faster)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
+    parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--remat", default="full", help="rematerialisation of every model (ModelConfig.remat)")
+    parser.add_argument("--out", default="benchmarks/results/train_step.json")
+    args = parser.parse_args(argv)
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; float32, batch 1, "
+          f"remat {args.remat}; load average before: {os.getloadavg()[0]:.1f}", flush=True)
+    rows = []
+    for seq in args.seqs:
+        for preset in args.presets:
+            rows.append(run_child(preset, seq, args.repeats, args.remat))
+            print(f"  {preset} at {seq}: {rows[-1].get('step_s', rows[-1].get('error'))}", flush=True)
+    print_table(rows)
+    result = {"rows": rows, "args": vars(args), "cpu_count": os.cpu_count(), "load_average_after": os.getloadavg()}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"load average after: {os.getloadavg()[0]:.1f}\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        preset, seq, repeats, remat = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+        print(json.dumps(measure(preset, seq, repeats, remat)))
+    else:
+        main()
