@@ -114,6 +114,38 @@ def test_step_form_matches_float64_reference(kind, layer_norm, seq_len, mini_bat
         assert relative_error(last, final_ref[name]) < 1e-4, name
 
 
+EXTEND_FNS = {"linear": ops.ttt_linear_extend, "mlp": ops.ttt_mlp_extend}
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("form", ["dual", "primal"])
+def test_reading_in_pieces_from_decode_states_matches_float64_reference(kind, form):
+    """11 tokens read in pieces of 3, 3, 3, 2 (mini-batch 4): from the initial state, from states inside
+    a mini-batch (3, 6, 9) and across boundaries. Outputs match the reference; the final state is the
+    one the step form reaches (start weights and gradient sum of the partial mini-batch)."""
+    seq_len, mini_batch_size = 11, 4
+    inputs = make_inputs(kind, seq_len)
+    q, k, v, eta, params, ln_weight, ln_bias = inputs
+    z_ref, _ = reference_output(kind, seq_len, mini_batch_size, True)
+
+    @jax.jit
+    def read_in_pieces(q, k, v, eta, params):
+        state, outputs = ops.init_decode_state(params), []
+        for start in range(0, seq_len, 3):
+            piece = (x[:, :, start:start + 3] for x in (q, k, v, eta))
+            z, state = EXTEND_FNS[kind](*piece, state, ln_weight, ln_bias, mini_batch_size=mini_batch_size, form=form)
+            outputs.append(z)
+        return jnp.concatenate(outputs, axis=2), state
+
+    z, state = read_in_pieces(q, k, v, eta, params)
+    assert relative_error(z, z_ref) < 1e-4
+    _, stepped = run_steps(kind, *inputs, mini_batch_size)
+    assert int(state["position"]) == int(stepped["position"]) == seq_len % mini_batch_size
+    for part in ("params", "grad_sum"):
+        for name in stepped[part]:
+            assert relative_error(state[part][name], stepped[part][name]) < 1e-4, (part, name)
+
+
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_reference_gradient_matches_finite_differences(kind):
     """The reference's hand-derived inner gradient is itself checked numerically."""
