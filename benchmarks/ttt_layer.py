@@ -11,6 +11,7 @@ runs after one compiling run.
 
   python benchmarks/ttt_layer.py                      # seq 512..8192, prints a table, writes JSON
   python benchmarks/ttt_layer.py --seqs 512 1024 --repeats 3 --out /tmp/quick.json
+  python benchmarks/ttt_layer.py --seqs 4096 --mini-batches 16 64 256 1024   # the mini-batch sweep
 """
 
 import argparse
@@ -50,9 +51,9 @@ def with_backward(fn, argnums):
 
 # -- FLOPs (multiply-add = 2), per forward pass -------------------------------------------
 
-def inner_flops(inner, seq):
+def inner_flops(inner, seq, mini_batch=MINI_BATCH):
     """The TTT dual form: per token and head, linear 6d^2 + 4bd, MLP 56d^2 + 20bd matmul FLOPs."""
-    d, b = HEAD_DIM, MINI_BATCH
+    d, b = HEAD_DIM, mini_batch
     per_token = 6 * d * d + 4 * b * d if inner == "linear" else 56 * d * d + 20 * b * d
     return HEADS * seq * per_token
 
@@ -79,9 +80,9 @@ def op_inputs(seq, inner):
     return q, k, v, eta, params, jnp.ones((HEADS, HEAD_DIM)), jnp.zeros((HEADS, HEAD_DIM))
 
 
-def ttt_op(inner, form):
+def ttt_op(inner, form, mini_batch=MINI_BATCH):
     fn = ops.ttt_linear if inner == "linear" else ops.ttt_mlp
-    return lambda *a: fn(*a, mini_batch_size=MINI_BATCH, form=form)[0]
+    return lambda *a: fn(*a, mini_batch_size=mini_batch, form=form)[0]
 
 
 def attention_op(q, k, v):
@@ -148,6 +149,29 @@ def run(seqs, repeats, primal_max_seq):
     return {"matmul_gflops": matmul_gflops, "rows": rows}
 
 
+def run_mini_batches(seq, mini_batches, repeats, matmul_gflops):
+    """The dual form at each mini-batch size b: forward and forward+backward as a share of the matmul rate.
+
+    Forward+backward is counted as 3x the forward's FLOPs (each matmul once forward, twice backward).
+    """
+    rows = []
+    for inner in ("linear", "mlp"):
+        inputs = op_inputs(seq, inner)
+        for b in mini_batches:
+            flops = inner_flops(inner, seq, b)
+            row = {"seq": seq, "name": f"ttt_{inner}_dual", "mini_batch": b}
+            row["forward_s"] = median_seconds(jax.jit(ttt_op(inner, "dual", b)), *inputs, repeats=repeats)
+            row["forward_backward_s"] = median_seconds(with_backward(ttt_op(inner, "dual", b), (0, 1, 2, 3, 4)),
+                                                       *inputs, repeats=repeats)
+            row["forward_matmul_share"] = flops / row["forward_s"] / 1e9 / matmul_gflops
+            row["forward_backward_matmul_share"] = 3 * flops / row["forward_backward_s"] / 1e9 / matmul_gflops
+            rows.append(row)
+            print(f"  seq {seq} {inner:6s} b {b:5d}  fwd {row['forward_s'] * 1e3:8.2f} ms "
+                  f"({100 * row['forward_matmul_share']:5.1f}% of matmul)  fwd+bwd {row['forward_backward_s'] * 1e3:8.2f} ms "
+                  f"({100 * row['forward_backward_matmul_share']:5.1f}%)", flush=True)
+    return rows
+
+
 def print_table(result):
     rows, peak = result["rows"], result["matmul_gflops"]
     by = {(r["seq"], r["level"], r["name"]): r for r in rows}
@@ -167,12 +191,18 @@ def main():
     parser.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--primal-max-seq", type=int, default=1024, help="skip the (slow) primal form above this length")
+    parser.add_argument("--mini-batches", type=int, nargs="*", default=[16, 64, 256, 1024],
+                        help="mini-batch sizes b of the dual-form sweep (at the longest --seqs); none to skip it")
     parser.add_argument("--out", default="benchmarks/results/ttt_layer.json")
     args = parser.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores)")
     result = run(args.seqs, args.repeats, args.primal_max_seq)
     print_table(result)
+    if args.mini_batches:
+        print(f"\ndual form by mini-batch size, seq {max(args.seqs)}")
+        result["mini_batch_rows"] = run_mini_batches(max(args.seqs), args.mini_batches, args.repeats,
+                                                     result["matmul_gflops"])
     result.update(jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(), args=vars(args))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
