@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ttt.models import LM
 from ttt.models import memory as memory_state_lib
+from ttt.train import mesh as mesh_lib
 from ttt.train.checksums import state_checksums
 from ttt.train.tokenizers import ByteTokenizer, Tokenizer
 
@@ -114,13 +115,17 @@ def initial(model: LM, batch: int = 1) -> Memory:
                   MemoryInfo(config, parameters, batch, 0, (), now, now))
 
 
-def to_cache(model: LM, memory: Memory, batch: int | None = None):
+def to_cache(model: LM, memory: Memory, batch: int | None = None, mesh=None):
     """An `LM.extend` cache that starts from `memory` (attention empty), for `LM.loss(cache=)` and `generate(cache=)`.
 
-    A memory of one sequence serves any `batch`; None: the memory's own batch.
+    A memory of one sequence serves any `batch`; None: the memory's own batch. With a `mesh`, the cache is
+    placed as its logical axes say (its rows split like a batch of tokens).
     """
     check_belongs_to(memory.info, model)
-    return memory_state_lib.to_cache(model, memory.state, batch)
+    cache = memory_state_lib.to_cache(model, memory.state, batch)
+    if mesh is None:
+        return cache
+    return jax.device_put(cache, mesh_lib.state_shardings(model.cache_axes(), mesh))
 
 
 @nnx.jit
