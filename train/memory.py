@@ -83,17 +83,22 @@ def _hash(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def model_fingerprints(model: LM) -> tuple[str, str]:
-    """(fingerprint of the configuration, fingerprint of the parameters) of `model`."""
-    return _hash(dataclasses.asdict(model.config)), _hash(state_checksums(nnx.state(model, nnx.Param)))
+def config_fingerprint(model: LM) -> str:
+    return _hash(dataclasses.asdict(model.config))
+
+
+def parameters_fingerprint(model: LM) -> str:
+    """Changes with any bit of any parameter (checksums computed where the parameters live)."""
+    return _hash(state_checksums(nnx.state(model, nnx.Param)))
 
 
 def check_belongs_to(info: MemoryInfo, model: LM, where: str = "the memory") -> None:
-    """Raise ValueError unless `info` was made by `model` (same configuration and parameters)."""
-    config, parameters = model_fingerprints(model)
+    """Raise ValueError unless `info` was made by `model` (same configuration, then same parameters)."""
+    config = config_fingerprint(model)
     if info.model_config != config:
         raise ValueError(f"{where} was made by a model of another configuration (fingerprint {info.model_config}; "
                          f"this model's is {config}); read the text again with this model")
+    parameters = parameters_fingerprint(model)
     if info.model_parameters != parameters:
         raise ValueError(f"{where} was made by a model with the same configuration but other parameters (fingerprint "
                          f"{info.model_parameters}; this model's is {parameters}): another run or checkpoint step; "
@@ -109,10 +114,9 @@ def initial(model: LM, batch: int = 1) -> Memory:
     if not memory_state_lib.has_learned_state(model):
         raise ValueError(f"model with mixers {model.config.mixers} learns nothing while it reads; a memory needs "
                          "at least one TTT layer")
-    config, parameters = model_fingerprints(model)
     now = _now()
     return Memory(memory_state_lib.initial_memory_state(model, batch),
-                  MemoryInfo(config, parameters, batch, 0, (), now, now))
+                  MemoryInfo(config_fingerprint(model), parameters_fingerprint(model), batch, 0, (), now, now))
 
 
 def to_cache(model: LM, memory: Memory, batch: int | None = None, mesh=None):

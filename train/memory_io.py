@@ -15,6 +15,8 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
@@ -37,8 +39,13 @@ def _flat(state) -> dict[str, jax.Array]:
     return {name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
+@jax.jit
+def _compute_checksums(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {name: array_checksum(array) for name, array in flat.items()}
+
+
 def _checksums(flat: dict[str, jax.Array]) -> dict[str, int]:
-    return {name: int(jax.device_get(array_checksum(array))) for name, array in flat.items()}
+    return {name: int(checksum) for name, checksum in jax.device_get(_compute_checksums(flat)).items()}
 
 
 def is_memory(directory: str) -> bool:
@@ -106,6 +113,8 @@ def load(directory: str, model: LM, mesh=None) -> Memory:
     except Exception as error:  # tensorstore and orbax errors alike: the files are not as saved
         raise ValueError(f"the memory in {directory} cannot be read ({type(error).__name__}: "
                          f"{str(error).splitlines()[0][:300]})") from error
+    if mesh is None:  # uncommitted, like the arrays `read` makes: what was compiled for those is reused
+        flat = {name: jnp.asarray(np.asarray(array)) for name, array in flat.items()}
     problems = mismatches(metadata.get("checksums", {}), _checksums(flat))
     if problems:
         raise ValueError(f"the memory in {directory} is damaged: {'; '.join(problems[:3])}")
