@@ -1,4 +1,5 @@
-"""Memory: reading in two calls against one, a hybrid's pieces against one pass, save and load, refusal, size."""
+"""Memory: reading in two calls against one, a hybrid's pieces against one pass, save and load, refusal, size,
+and the command lines (ttt-read, ttt-generate --memory, ttt-eval --memory)."""
 
 import dataclasses
 
@@ -8,11 +9,14 @@ import pytest
 from flax import nnx
 
 from tests.train.conftest import MICRO_MODEL
-from ttt.models import LM
+from ttt.models import LM, generate
 from ttt.models import memory as memory_state_lib
 from ttt.models.info import abstract_model
+from ttt.train import checkpoint as checkpoint_lib
+from ttt.train import cli, memory_cli, memory_io
 from ttt.train import memory as memory_lib
-from ttt.train import memory_io
+from ttt.train import mesh as mesh_lib
+from ttt.train.tokenizers import ByteTokenizer
 
 # Every layer learns while it reads (one TTT-Linear, one TTT-MLP block, both with the pre-convolution):
 # reading continues exactly across calls.
@@ -108,3 +112,31 @@ def test_memory_size_does_not_depend_on_tokens_read(ttt_model):
     initial = memory_lib.initial(ttt_model)
     assert jax.tree.map(lambda a: a.shape, initial.state) == jax.tree.map(lambda a: a.shape, long)
     assert initial.nbytes == sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(long))
+
+
+def test_read_append_generate_and_evaluate_from_the_command_line(trained, tmp_path):
+    documents = {"a.txt": "def first(x):\n    return x + 1\n", "b.txt": "def other(y):\n    return y * 2\n"}
+    for name, text in documents.items():
+        (tmp_path / name).write_text(text)
+    directory = str(tmp_path / "memory")
+    common = ["--checkpoint", trained.config.workdir, "--memory", directory]
+    assert memory_cli.run_read(common + ["--input", str(tmp_path / "a.txt")]).sources == ("a.txt",)
+    info = memory_cli.run_read(common + ["--input", str(tmp_path / "b.txt")])
+    assert info.sources == ("a.txt", "b.txt") and info.tokens_read == sum(len(t) + 1 for t in documents.values())
+
+    mesh = mesh_lib.make_mesh(cli.GenerateArgs.__dataclass_fields__["mesh"].default)
+    with mesh_lib.activate(mesh):
+        model, _ = checkpoint_lib.load_trained_model(trained.config.workdir, mesh)
+        memory = memory_io.load(directory, model, mesh)
+        prompt = ByteTokenizer().encode("def ")[None]
+        expected = generate(model, prompt, 6, temperature=0, cache=memory_lib.to_cache(model, memory))
+    text = cli.run_generate(common + ["--prompt", "def ", "--max-new-tokens=6", "--temperature=0"])
+    assert text == ByteTokenizer().decode(np.asarray(expected)[0, 4:])
+
+    report = cli.run_eval(common + ["--max-length=32", "--batch-size=8", "--max-documents=8", "--out", str(tmp_path)])
+    assert report["memory"]["tokens_read"] == info.tokens_read and np.isfinite(report["loss"])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a memory")
+    with pytest.raises(SystemExit, match="holds files but no memory"):
+        memory_cli.read_main(["--checkpoint", trained.config.workdir, "--memory", str(tmp_path / "other"),
+                              "--input", str(tmp_path / "a.txt")])
