@@ -80,19 +80,23 @@ def source_documents(name: str) -> list[tuple[str, str]]:
 
 
 def package(name: str) -> str:
-    return os.path.dirname(name) or name
+    """The folder of a document: its package (pystdlib), or "" for every play (Shakespeare)."""
+    return os.path.dirname(name)
 
 
 def retention_and_transfer(bench: Bench, documents, half: int) -> dict:
-    """On the longest document and on another one of its package (or, without one, the next longest)."""
-    by_length = sorted(documents, key=lambda d: -len(d[1]))
-    name, text = by_length[0]
+    """On the longest document of 2 * half tokens or more that has another document of its package (of more
+    than half tokens), and on that one (without any, the longest document and the next longest)."""
+    long_enough = [d for d in sorted(documents, key=lambda d: -len(d[1])) if len(bench.tokens(d[1])) > half]
+    siblings = {d[0]: [o for o in long_enough if o[0] != d[0] and package(o[0]) == package(d[0])] for d in long_enough}
+    candidates = [d for d in long_enough if siblings[d[0]] and len(bench.tokens(d[1])) >= 2 * half]
+    name, text = (candidates or long_enough)[0]
     ids = bench.tokens(text)
     if len(ids) < 2 * half:
         raise ValueError(f"the longest document, {name}, has {len(ids)} tokens; --half={half} needs {2 * half}")
     result = {"document": name, "half": half, "retention": bench.three_ways(ids[:half], ids[half:2 * half])}
-    same_package = [d for d in by_length[1:] if package(d[0]) == package(name) and len(bench.tokens(d[1])) > half]
-    other_name, other_text = (same_package or by_length[1:])[0]
+    same_package = siblings[name]
+    other_name, other_text = (same_package or [d for d in long_enough if d[0] != name])[0]
     result["transfer"] = dict(bench.three_ways(bench.tokens(text, end=True)[-2 * half:],
                                                bench.tokens(other_text)[:half]),
                               to=other_name, same_package=bool(same_package))
