@@ -39,7 +39,7 @@ from ttt.train import mesh as mesh_lib
 from ttt.train.checksums import state_checksums
 from ttt.train.tokenizers import ByteTokenizer, Tokenizer
 
-# Pieces longer than this many tokens show a progress bar (when `progress` is left to decide).
+# Reads of more than this many pieces show a progress bar (when `progress` is left to decide).
 PROGRESS_ABOVE_PIECES = 4
 
 
