@@ -36,6 +36,7 @@ setup(
             "ttt-eval=ttt.train.cli:eval_main",
             "ttt-generate=ttt.train.cli:generate_main",
             "ttt-convert=ttt.train.convert:main",
+            "ttt-read=ttt.train.memory_cli:read_main",
         ],
     },
     extras_require={

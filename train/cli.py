@@ -22,7 +22,8 @@ from ttt import configs
 from ttt.configs.train import MeshConfig, TrainConfig, require
 from ttt.models import generate
 from ttt.train import checkpoint as checkpoint_lib
-from ttt.train import dataset, evaluate, loop, pipeline, step
+from ttt.train import dataset, evaluate, loop, memory_io, pipeline, step
+from ttt.train import memory as memory_lib
 from ttt.train import mesh as mesh_lib
 from ttt.train.tokenizers import load_tokenizer
 
@@ -134,6 +135,7 @@ class EvalArgs:
       out: folder of report.json and loss.png ("": <checkpoint>/eval).
       data_dir: where the dataset is (re)built ("": as in the run's config).
       mesh: the mesh to load the model onto (any; need not be the training mesh).
+      memory: a memory folder (`ttt-read`): every document is read after what it holds ("": none).
     """
 
     checkpoint: str
@@ -143,6 +145,7 @@ class EvalArgs:
     out: str = ""
     data_dir: str = ""
     mesh: MeshConfig = MeshConfig()
+    memory: str = ""
 
     def __post_init__(self):
         require(bool(self.checkpoint.strip()), "checkpoint", self.checkpoint, "a training workdir or export folder")
@@ -163,9 +166,13 @@ def run_eval(argv: list[str]) -> dict:
     sources = dataset.data_sources(dataset.prepare(data_config))
     unigram = pipeline.unigram_entropy(sources["train"], tokenizer)
     with mesh_lib.activate(mesh):
+        memory = memory_io.load(args.memory, model, mesh) if args.memory else None
         report = evaluate.evaluate(model, tokenizer, sources["validation"], mesh=mesh,
                                    max_length=args.max_length or 4 * config.data.seq_len, batch_size=args.batch_size,
-                                   max_documents=args.max_documents, unigram=unigram, seed=config.seed)
+                                   max_documents=args.max_documents, unigram=unigram, seed=config.seed, memory=memory)
+    if memory is not None:
+        report["memory"] = {"directory": os.path.abspath(args.memory), "tokens_read": memory.info.tokens_read,
+                            "sources": list(memory.info.sources)}
     return _write_and_summarise(report, args.out or os.path.join(args.checkpoint, EVALUATION), config)
 
 
@@ -181,6 +188,7 @@ class GenerateArgs:
       top_k: sample among the k most likely tokens (0: all).
       top_p: nucleus sampling mass (1: off).
       seed: sampling seed.
+      memory: a memory folder (`ttt-read`): the prompt is read after what it holds ("": none).
     """
 
     checkpoint: str
@@ -191,6 +199,7 @@ class GenerateArgs:
     top_p: float = 1.0
     seed: int = 0
     mesh: MeshConfig = MeshConfig(data=1, fsdp=-1)
+    memory: str = ""
 
     def __post_init__(self):
         require(bool(self.checkpoint.strip()), "checkpoint", self.checkpoint, "a training workdir or export folder")
@@ -212,9 +221,10 @@ def run_generate(argv: list[str]) -> str:
         prompt = tokenizer.encode(args.prompt)
         if len(prompt) == 0:
             raise ValueError(f"prompt={args.prompt!r} encodes to no tokens; expected some text to continue")
+        cache = memory_lib.to_cache(model, memory_io.load(args.memory, model, mesh)) if args.memory else None
         ids = generate(model, prompt[None, :], args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k or None, top_p=args.top_p if args.top_p < 1 else None,
-                       rng=jax.random.key(args.seed))
+                       rng=jax.random.key(args.seed), cache=cache)
     text = tokenizer.decode(np.asarray(ids)[0, len(prompt):])
     _say(args.prompt + text)
     return text

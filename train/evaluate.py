@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from ttt.models import generate
 from ttt.models.inputs import check_token_ids
+from ttt.train import memory as memory_lib
 from ttt.train import mesh as mesh_lib
 from ttt.train import metrics, pipeline, step
 from ttt.train.tokenizers import Tokenizer
@@ -31,12 +32,14 @@ def _global_rows(rows: np.ndarray, mesh) -> jax.Array:
     return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
 
 
-def per_token_losses(model, tokens: np.ndarray, mesh, batch_size: int) -> np.ndarray:
-    """tokens int32 [rows, length] -> float32 [rows, length - 1], in fixed-size batches (one compilation)."""
+def per_token_losses(model, tokens: np.ndarray, mesh, batch_size: int, memory=None) -> np.ndarray:
+    """tokens int32 [rows, length] -> float32 [rows, length - 1], in fixed-size batches (one compilation),
+    every row read from `memory` (a `ttt.train.memory.Memory`; None: from the initial state)."""
     rows = len(tokens)
+    cache = None if memory is None else memory_lib.to_cache(model, memory, batch_size, mesh)
     padded = -(-rows // batch_size) * batch_size
     tokens = np.concatenate([tokens, np.zeros((padded - rows, tokens.shape[1]), tokens.dtype)])
-    losses = [np.asarray(jax.device_get(step.per_token_losses(model, _global_rows(tokens[i:i + batch_size], mesh))))
+    losses = [np.asarray(jax.device_get(step.per_token_losses(model, _global_rows(tokens[i:i + batch_size], mesh), cache)))
               for i in range(0, padded, batch_size)]
     return np.concatenate(losses)[:rows]
 
@@ -52,14 +55,15 @@ def context_lengths(max_length: int) -> list[int]:
 
 def evaluate(model, tokenizer: Tokenizer, validation_source, *, mesh, max_length: int, batch_size: int,
              max_documents: int = 0, num_samples: int = 3, prompt_tokens: int = 32, sample_tokens: int = 128,
-             unigram: dict | None = None, seed: int = 0) -> dict:
-    """The report: overall loss, by position, by context length, and a few generated samples."""
+             unigram: dict | None = None, seed: int = 0, memory=None) -> dict:
+    """The report: overall loss, by position, by context length, and a few generated samples; with a
+    `memory` (`ttt.train.memory.Memory`), every document, window and sample is read after it."""
     tokens, mask, bytes_per_token = pipeline.evaluation_rows(validation_source, tokenizer, max_length, max_documents)
     check_token_ids(tokens, model.config.vocab_size, name="the held-out tokens")
     ways = mesh_lib.batch_ways(mesh)
     batch_size = -(-batch_size // ways) * ways
     to_bits_per_byte = 1 / math.log(2) / bytes_per_token
-    losses = per_token_losses(model, tokens, mesh, batch_size)
+    losses = per_token_losses(model, tokens, mesh, batch_size, memory)
     targets = mask[:, 1:]
     overall = _mean(losses, targets)
     by_position = []
@@ -74,7 +78,7 @@ def evaluate(model, tokenizer: Tokenizer, validation_source, *, mesh, max_length
         windows = tokens[:, :usable].reshape(-1, length)
         window_mask = mask[:, :usable].reshape(-1, length)
         keep = window_mask[:, 1:].any(axis=1)
-        window_losses = losses if length == max_length else per_token_losses(model, windows[keep], mesh, batch_size)
+        window_losses = losses if length == max_length else per_token_losses(model, windows[keep], mesh, batch_size, memory)
         by_context.append({"context_length": length, "loss": _mean(window_losses, window_mask[keep][:, 1:])})
     for entry in by_position + by_context:
         entry["bits_per_byte"] = entry["loss"] * to_bits_per_byte
@@ -82,18 +86,21 @@ def evaluate(model, tokenizer: Tokenizer, validation_source, *, mesh, max_length
         "documents": len(tokens), "tokens": int(targets.sum()), "bytes_per_token": bytes_per_token,
         "loss": overall, "bits_per_byte": overall * to_bits_per_byte,
         "by_position": by_position, "by_context_length": by_context,
-        "samples": generate_samples(model, tokenizer, tokens[:num_samples, :prompt_tokens], sample_tokens, seed),
+        "samples": generate_samples(model, tokenizer, tokens[:num_samples, :prompt_tokens], sample_tokens, seed, memory),
     }
     if unigram is not None:
         report["unigram_entropy"] = unigram
     return report
 
 
-def generate_samples(model, tokenizer: Tokenizer, prompts: np.ndarray, new_tokens: int, seed: int) -> list[dict]:
-    """Continue each prompt row (temperature 0.8, top-k 40)."""
+def generate_samples(model, tokenizer: Tokenizer, prompts: np.ndarray, new_tokens: int, seed: int,
+                     memory=None) -> list[dict]:
+    """Continue each prompt row (temperature 0.8, top-k 40), after `memory` when given."""
     if len(prompts) == 0:
         return []
-    out = np.asarray(generate(model, prompts, new_tokens, temperature=0.8, top_k=40, rng=jax.random.key(seed)))
+    cache = None if memory is None else memory_lib.to_cache(model, memory, len(prompts))
+    out = np.asarray(generate(model, prompts, new_tokens, temperature=0.8, top_k=40, rng=jax.random.key(seed),
+                              cache=cache))
     return [{"prompt": tokenizer.decode(row[:prompts.shape[1]]), "continuation": tokenizer.decode(row[prompts.shape[1]:])}
             for row in out]
 

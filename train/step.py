@@ -68,7 +68,8 @@ def train_step(model: LM, optimizer: nnx.Optimizer, tokens: jax.Array,
 
 
 @nnx.jit
-def per_token_losses(model: LM, tokens: jax.Array) -> jax.Array:
-    """tokens int32 [batch, seq] -> float32 [batch, seq - 1], the loss of predicting tokens[:, 1:]."""
-    _, per_token = model.loss(tokens)
+def per_token_losses(model: LM, tokens: jax.Array, cache=None) -> jax.Array:
+    """tokens int32 [batch, seq] -> float32 [batch, seq - 1], the loss of predicting tokens[:, 1:], read after
+    `cache` (an `LM.extend` cache of `batch` rows, e.g. from a memory; None: from the initial state)."""
+    _, per_token = model.loss(tokens, cache=cache)
     return per_token
