@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import sys
 from typing import Any
 
 import jax
@@ -149,7 +150,8 @@ def read(model: LM, text_or_ids, memory: Memory | None = None, *, tokenizer: Tok
       source: a name for what is read, kept in `info.sources`.
       piece_length: tokens read per compiled call; the cost is linear in the length, and the pieces
         compile once per shape (a full piece and the last one).
-      progress: show a progress bar (None: when there are more than PROGRESS_ABOVE_PIECES pieces).
+      progress: show a progress bar (None: when stderr is a terminal and there are more than
+        PROGRESS_ABOVE_PIECES pieces).
     Returns:
       the memory after the text; `info.tokens_read` grows by seq.
     """
@@ -169,7 +171,7 @@ def read(model: LM, text_or_ids, memory: Memory | None = None, *, tokenizer: Tok
     cache = to_cache(model, memory)
     length = ids.shape[1]
     pieces = range(0, length, piece_length)
-    show = len(pieces) > PROGRESS_ABOVE_PIECES if progress is None else progress
+    show = (sys.stderr.isatty() and len(pieces) > PROGRESS_ABOVE_PIECES) if progress is None else progress
     with tqdm(total=length, unit="token", unit_scale=True, desc="reading", disable=not show) as bar:
         for start in pieces:
             piece = ids[:, start:start + piece_length]
