@@ -1,5 +1,6 @@
 """`LM`: embeddings, stages of scanned pre-norm blocks, final norm, logits; one forward that reads from a cache."""
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -8,6 +9,7 @@ from flax import nnx
 
 from ttt.configs import ModelConfig
 from ttt.context import DEFAULT, Context
+from ttt.models import e2e
 from ttt.models import stages as stages_lib
 from ttt.models.inputs import check_token_ids
 from ttt.models.layers import normal_init, rms_norm
@@ -44,6 +46,8 @@ class LM(nnx.Module):
             self.head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=config.dtype,
                                    param_dtype=config.param_dtype, kernel_init=normal_init(config, ("embed", "vocab")),
                                    rngs=rngs)
+        # TTT-E2E: the stages from here on read chunk by chunk, training their fast weights.
+        self.suffix_start = e2e.suffix_start(self) if config.e2e_chunk_size is not None else None
 
     # -- the forward ----------------------------------------------------------------------
 
@@ -58,6 +62,10 @@ class LM(nnx.Module):
         """ids: int32 [batch, seq] -> final-normed hidden states [batch, seq, embed], from the initial state,
         each scanned group rematerialised as `config.remat` says (the training forward)."""
         check_token_ids(ids, self.config.vocab_size)
+        if self.suffix_start is not None:
+            if context.targets is None:  # each position predicts the next id; the last one's is unknown
+                context = dataclasses.replace(context, targets=jnp.pad(ids[:, 1:], ((0, 0), (0, 1)), constant_values=-1))
+            return self._read_e2e(ids, context)[0]
         x = self._embed(ids)
         for stage in self.stages:
             x, _ = stages_lib.run_stage(stage, x, None, context, keep_state=False, remat_policy=self._remat_policy())
@@ -88,11 +96,14 @@ class LM(nnx.Module):
         batch, seq = ids.shape
         if seq < 2:
             raise ValueError(f"loss needs sequences of at least 2 tokens; got ids of shape {ids.shape}")
-        if cache is None:
-            hidden = self.hidden_states(ids[:, :-1], context)
+        if self.suffix_start is not None and cache is None:  # the inner loop has scored every token already
+            _, per_token = self._read_e2e(ids[:, :-1], dataclasses.replace(context, targets=ids[:, 1:]))
         else:
-            hidden, _ = self._read(ids[:, :-1], cache, context)
-        per_token = chunked_cross_entropy(hidden, self._unembedding(), ids[:, 1:], self.config.loss_chunk_size)
+            if cache is None:
+                hidden = self.hidden_states(ids[:, :-1], context)
+            else:
+                hidden, _ = self._read(ids[:, :-1], cache, context)
+            per_token = chunked_cross_entropy(hidden, self.unembedding(), ids[:, 1:], self.config.loss_chunk_size)
         if mask is None:
             return per_token.mean(), per_token
         if mask.shape == (batch, seq):
@@ -117,6 +128,9 @@ class LM(nnx.Module):
     def _read(self, ids: jax.Array, cache: Cache | None, context: Context) -> tuple[jax.Array, Cache]:
         """ids read after `cache` -> (final-normed hidden states [batch, seq, embed], cache after ids)."""
         check_token_ids(ids, self.config.vocab_size)
+        if self.suffix_start is not None:
+            raise ValueError("reading with a cache (extend, generate from a cache, loss after a cache) is not built "
+                             "for TTT-E2E models yet; model(ids), model.loss(ids) and generate read from the start")
         x = self._embed(ids)
         states = [None] * len(self.stages) if cache is None else cache["stages"]
         new_states = []
@@ -125,7 +139,15 @@ class LM(nnx.Module):
             new_states.append(state)
         return self.final_norm(x), {"stages": new_states}
 
-    def _unembedding(self) -> jax.Array:
+    def _read_e2e(self, ids: jax.Array, context: Context) -> tuple[jax.Array, jax.Array]:
+        """TTT-E2E from the initial state: ids [batch, seq], `context.targets` [batch, seq] ->
+        (final-normed hidden states [batch, seq, embed], float32 [batch, seq] next-token losses)."""
+        x = self._embed(ids)
+        for stage in self.stages[:self.suffix_start]:
+            x, _ = stages_lib.run_stage(stage, x, None, context, keep_state=False, remat_policy=self._remat_policy())
+        return e2e.read_suffix(self, x, context)
+
+    def unembedding(self) -> jax.Array:
         """[embed, vocab] matrix mapping final hidden states to logits."""
         if self.head is None:
             return self.embed.embedding[...].T
@@ -135,7 +157,7 @@ class LM(nnx.Module):
         return constrain(self.embed(ids), ("batch", "seq", "embed"))
 
     def _logits(self, hidden: jax.Array) -> jax.Array:
-        return project_to_vocab(hidden, self._unembedding(), hidden.dtype)
+        return project_to_vocab(hidden, self.unembedding(), hidden.dtype)
 
     def _remat_policy(self):
         policy = self.config.remat_policy_name
