@@ -61,7 +61,7 @@ def suffix_start(model: nnx.Module) -> int:
     return min(int(path[1]) for path in paths)
 
 
-def read_suffix(model: nnx.Module, x: jax.Array, context: Context) -> tuple[jax.Array, jax.Array]:
+def read_suffix(model: nnx.Module, x: jax.Array, context: Context) -> tuple[jax.Array, jax.Array, nnx.State]:
     """Runs the suffix stages of the LM `model` chunk by chunk with an inner step after each chunk.
 
     Args:
@@ -72,7 +72,8 @@ def read_suffix(model: nnx.Module, x: jax.Array, context: Context) -> tuple[jax.
     Returns:
       (hidden [batch, seq, embed] after the final norm, float32 [batch, seq] next-token losses;
       position t of both comes from the fast weights after the steps on the chunks before t's).
-      Losses at positions without a target are meaningless.
+      Losses at positions without a target are meaningless. Third, the fast weights after the last
+      chunk's step: an `nnx.State` of the fast parameters, each with a leading batch axis.
     """
     config = model.config
     if context.targets is None or context.targets.shape != x.shape[:2]:
@@ -135,10 +136,10 @@ def read_suffix(model: nnx.Module, x: jax.Array, context: Context) -> tuple[jax.
     if config.e2e_remat:
         chunk_step = jax.checkpoint(chunk_step, prevent_cse=False)
     optimizer_state = jax.vmap(optimizer.init)(fast_rows)
-    _, (hidden, per_token) = jax.lax.scan(chunk_step, (fast_rows, optimizer_state, states), (x_chunks, target_chunks))
+    (fast_rows, _, _), (hidden, per_token) = jax.lax.scan(chunk_step, (fast_rows, optimizer_state, states), (x_chunks, target_chunks))
     hidden = hidden.swapaxes(0, 1).reshape(batch, num_chunks * chunk, embed)[:, :seq]
     per_token = per_token.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :seq]
-    return hidden, per_token
+    return hidden, per_token, fast_rows
 
 
 def _batch_axes(axes):

@@ -97,7 +97,7 @@ class LM(nnx.Module):
         if seq < 2:
             raise ValueError(f"loss needs sequences of at least 2 tokens; got ids of shape {ids.shape}")
         if self.suffix_start is not None and cache is None:  # the inner loop has scored every token already
-            _, per_token = self._read_e2e(ids[:, :-1], dataclasses.replace(context, targets=ids[:, 1:]))
+            _, per_token, _ = self._read_e2e(ids[:, :-1], dataclasses.replace(context, targets=ids[:, 1:]))
         else:
             if cache is None:
                 hidden = self.hidden_states(ids[:, :-1], context)
@@ -139,9 +139,19 @@ class LM(nnx.Module):
             new_states.append(state)
         return self.final_norm(x), {"stages": new_states}
 
-    def _read_e2e(self, ids: jax.Array, context: Context) -> tuple[jax.Array, jax.Array]:
+    def read_fast_weights(self, ids: jax.Array, context: Context = DEFAULT) -> nnx.State:
+        """TTT-E2E: the fast weights after reading ids[:, :-1] with targets ids[:, 1:] (as `loss` does), one
+        inner step per chunk: an `nnx.State` of the fast parameters, each [batch, *parameter shape].
+        The model itself is left as it was."""
+        check_token_ids(ids, self.config.vocab_size)
+        if self.suffix_start is None:
+            raise ValueError("read_fast_weights needs a TTT-E2E model (config.e2e_chunk_size set); this one has none")
+        return self._read_e2e(ids[:, :-1], dataclasses.replace(context, targets=ids[:, 1:]))[2]
+
+    def _read_e2e(self, ids: jax.Array, context: Context) -> tuple[jax.Array, jax.Array, nnx.State]:
         """TTT-E2E from the initial state: ids [batch, seq], `context.targets` [batch, seq] ->
-        (final-normed hidden states [batch, seq, embed], float32 [batch, seq] next-token losses)."""
+        (final-normed hidden states [batch, seq, embed], float32 [batch, seq] next-token losses, fast
+        weights after the last chunk's step; see `e2e.read_suffix`)."""
         x = self._embed(ids)
         for stage in self.stages[:self.suffix_start]:
             x, _ = stages_lib.run_stage(stage, x, None, context, keep_state=False, remat_policy=self._remat_policy())
