@@ -15,7 +15,8 @@ from flax import nnx
 from ttt.configs import ModelConfig
 from ttt.configs.model import StageConfig
 from ttt.configs.train import TrainConfig, DataConfig
-from ttt.models import LM
+from ttt.context import Context
+from ttt.models import LM, generate
 from ttt.models.e2e import fast_filter
 
 BATCH, CHUNK = 2, 4
@@ -26,7 +27,7 @@ def make_config(**overrides) -> ModelConfig:
     fields = dict(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, mlp_hidden_size=24,
                   stages=(StageConfig("swa", 1), StageConfig("swa", 1, prime_mlp=True)), sliding_window=8,
                   qk_norm=True, post_norm=True, rope_pairing="interleaved", init_std=0.2,
-                  e2e_chunk_size=CHUNK, e2e_inner_lr=1.0, e2e_inner_clip=1.0)
+                  e2e_chunk_size=CHUNK, e2e_inner_lr=1.0, e2e_inner_clip=0.5)
     return ModelConfig(**{**fields, **overrides})
 
 
@@ -42,16 +43,21 @@ def ordinary_twin(model: LM) -> LM:
     return twin
 
 
-def per_token_losses(model: LM, ids: jax.Array) -> np.ndarray:
-    return np.asarray(nnx.jit(lambda model, ids: model.loss(ids)[1])(model, ids))
+# Module-level jitted functions, so that tests of the same config and shapes compile them once.
+_per_token_losses = nnx.jit(lambda model, ids, scale: model.loss(ids, context=Context(inner_lr_scale=scale))[1])
+_read_fast_weights = nnx.jit(lambda model, ids: model.read_fast_weights(ids))
+
+
+def per_token_losses(model: LM, ids: jax.Array, inner_lr_scale: float = 1.0) -> np.ndarray:
+    return np.asarray(_per_token_losses(model, ids, jnp.float32(inner_lr_scale)))
 
 
 def test_inner_step_is_a_clipped_gradient_step_that_lowers_the_chunks_loss():
     """After one chunk, each sequence's fast weights are W0 - lr * clip(grad of that sequence's chunk loss),
     the gradient taken by jax.grad of the ordinary model; and the chunk's loss is lower with them."""
-    model = LM(make_config(e2e_inner_clip=0.5), rngs=nnx.Rngs(0))
+    model = LM(make_config(), rngs=nnx.Rngs(0))
     ids = make_ids(1)
-    after = nnx.jit(lambda model, ids: model.read_fast_weights(ids))(model, ids)
+    after = _read_fast_weights(model, ids)
     twin = ordinary_twin(model)
     graphdef, fast, rest = nnx.split(twin, fast_filter(model.config.e2e_fast_params), ...)
     loss_of = jax.jit(lambda fast, rest, row: nnx.merge(graphdef, fast, rest).loss(row)[0])
@@ -68,13 +74,16 @@ def test_inner_step_is_a_clipped_gradient_step_that_lowers_the_chunks_loss():
 
 
 def test_inner_lr_zero_is_the_sliding_window_transformer_with_frozen_prime_mlps():
-    """Inner LR 0: every position's loss equals the ordinary model's. With the inner LR on, the first
-    chunk (scored before any step) still does and the later chunks do not."""
+    """Inner LR 0 (or an inner-LR scale of 0, training's warmup path): every position's loss equals the
+    ordinary model's. With the inner LR on, the first chunk (scored before any step) still does and
+    the later chunks do not."""
     ids = make_ids(3)
-    frozen = LM(make_config(e2e_inner_lr=0.0), rngs=nnx.Rngs(0))
-    reference = per_token_losses(ordinary_twin(frozen), ids)
-    np.testing.assert_allclose(per_token_losses(frozen, ids), reference, rtol=1e-5, atol=1e-6)
     learning = LM(make_config(), rngs=nnx.Rngs(0))
+    reference = per_token_losses(ordinary_twin(learning), ids)
+    np.testing.assert_allclose(per_token_losses(learning, ids, inner_lr_scale=0.0), reference, rtol=1e-5, atol=1e-6)
+    frozen = nnx.jit(lambda model, ids: model.loss(ids)[1])(LM(make_config(e2e_inner_lr=0.0), rngs=nnx.Rngs(0)),
+                                                           ids[:, :CHUNK + 2])
+    np.testing.assert_allclose(frozen, reference[:, :CHUNK + 1], rtol=1e-5, atol=1e-6)
     losses = per_token_losses(learning, ids)
     np.testing.assert_allclose(losses[:, :CHUNK], reference[:, :CHUNK], rtol=1e-5, atol=1e-6)
     assert np.all(np.abs(losses[:, CHUNK:] - reference[:, CHUNK:]).max(axis=1) > 1e-3)
@@ -85,9 +94,9 @@ def test_outer_gradient_through_the_inner_steps_equals_finite_differences():
     a unit direction in the fast weights' starting values and two slow parameters: reverse-mode
     through the inner step (second order) against float32 central differences. At eps 1e-2 the
     difference's truncation error is O(eps^2) and its rounding about 1e-7 / eps = 1e-5 absolute; the
-    derivative is about -0.06 and the two agreed to 3e-4 relative, so 1% leaves margin, while
-    dropping the second-order term (stop_gradient on the inner gradient) moved it to about +0.02."""
-    model = LM(make_config(e2e_inner_clip=0.0), rngs=nnx.Rngs(0))
+    derivative is about 0.04 and the two agreed to 1e-4 relative, so 1% leaves margin, while
+    dropping the second-order term (stop_gradient on the inner gradient) moves it by 7.5%."""
+    model = LM(make_config(), rngs=nnx.Rngs(0))
     ids = make_ids(2, seed=3)
     graphdef, params = nnx.split(model, nnx.Param)
     rng = np.random.default_rng(0)
@@ -103,16 +112,25 @@ def test_outer_gradient_through_the_inner_steps_equals_finite_differences():
     eps = 1e-2
     shifted = lambda sign: jax.tree.map(lambda p, d: p + sign * eps * d, params, direction)
     numeric = (float(loss(shifted(1))) - float(loss(shifted(-1)))) / (2 * eps)
-    assert abs(numeric) > 0.05, "the direction must move the loss"
+    assert abs(numeric) > 0.02, "the direction must move the loss"
     assert abs(analytic - numeric) <= 1e-2 * abs(numeric), (analytic, numeric)
+
+
+def test_generate_predicts_what_the_forward_predicts_at_every_position():
+    """Greedy generation on an E2E model (prompt ending inside a chunk, new tokens across chunks): every
+    new token is the argmax of the training forward's logits at the position before it."""
+    model = LM(make_config(), rngs=nnx.Rngs(0))
+    prompt = make_ids(1)[:, :CHUNK + 2]
+    out = generate(model, prompt, CHUNK, temperature=0.0)
+    logits = nnx.jit(lambda model, ids: model(ids))(model, out)
+    np.testing.assert_array_equal(np.argmax(logits[:, CHUNK + 1:-1], axis=-1), out[:, CHUNK + 2:])
 
 
 def test_reading_changes_only_the_fast_weights_and_leaves_the_model_bitwise_unchanged():
     model = LM(make_config(), rngs=nnx.Rngs(0))
     before = jax.tree.map(np.array, nnx.state(model))
-    ids = make_ids(2)
-    after = nnx.jit(lambda model, ids: model.read_fast_weights(ids))(model, ids)
-    per_token_losses(model, ids)
+    after = _read_fast_weights(model, make_ids(1))
+    per_token_losses(model, make_ids(3))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, nnx.state(model)), before)
     fast_paths = sorted("/".join(map(str, path)) for path, _ in nnx.to_flat_state(after))
     assert fast_paths == [f"stages/1/blocks/0/prime_mlp/{name}/kernel" for name in ("down", "gate", "up")]
@@ -125,7 +143,7 @@ def test_reading_changes_only_the_fast_weights_and_leaves_the_model_bitwise_unch
     (dict(sliding_window=2), "smaller than e2e_chunk_size"),
     (dict(e2e_fast_params="no_such_parameter"), "matches no parameter"),
     (dict(e2e_fast_params="embed"), "outside the stages"),
-    (dict(stages=(StageConfig("swa", 2),)), "matches no parameter"),
+    (dict(stages=(StageConfig("swa", 1), StageConfig("swa", 1))), "matches no parameter"),  # no prime MLP
     (dict(e2e_fast_params="prime_mlp("), "not a regular expression"),
     (dict(e2e_inner_lr=-1.0), "expected >= 0"),
 ])
