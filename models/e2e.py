@@ -61,8 +61,79 @@ def suffix_start(model: nnx.Module) -> int:
     return min(int(path[1]) for path in paths)
 
 
-def read_suffix(model: nnx.Module, x: jax.Array, context: Context) -> tuple[jax.Array, jax.Array, nnx.State]:
-    """Runs the suffix stages of the LM `model` chunk by chunk with an inner step after each chunk.
+class SuffixReader:
+    """The suffix stages of an LM, final norm and head as functions of a reading state, vmapped over the rows.
+
+    The reading state is `{"fast": fast weights, "optimizer": inner optimizer state, "stages": the
+    suffix stages' states}`, every array of the first two with a leading batch axis.
+    """
+
+    def __init__(self, model: nnx.Module, context: Context):
+        config = model.config
+        self.config = config
+        self.start = suffix_start(model)
+        self.graphdef, self.initial_fast, self.rest = nnx.split(model, fast_filter(config.e2e_fast_params), ...)
+        self.suffix = model.stages[self.start:]
+        self.optimizer = optax.sgd(config.e2e_inner_lr * context.inner_lr_scale)
+        if config.e2e_inner_clip:
+            self.optimizer = optax.chain(optax.clip_by_global_norm(config.e2e_inner_clip), self.optimizer)
+        self.stage_context = dataclasses.replace(context, targets=None)
+        stage_rows = [_batch_axes(stages_lib.stage_state_axes(stage)) for stage in self.suffix]
+        self.state_rows = {"fast": 0, "optimizer": 0, "stages": stage_rows}
+
+    def initial_state(self, batch: int) -> dict:
+        """The reading state before any token: every row's fast weights at the model's values."""
+        fast = jax.tree.map(lambda weight: jnp.broadcast_to(weight, (batch, *weight.shape)), self.initial_fast)
+        return {"fast": fast, "optimizer": jax.vmap(self.optimizer.init)(fast),
+                "stages": [stages_lib.init_stage_state(stage, batch) for stage in self.suffix]}
+
+    def forward(self, state: dict, x: jax.Array) -> tuple[jax.Array, list]:
+        """x [batch, n, embed] read with the current fast weights -> (final-normed hidden [batch, n, embed],
+        the suffix stages' states after x)."""
+        return self._vmap(lambda state, x: self._row_forward(state["fast"], state["stages"], x)[:2],
+                          (self.state_rows, 0), (0, self.state_rows["stages"]))(state, x)
+
+    def step(self, state: dict, x: jax.Array, targets: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
+        """A chunk x [batch, chunk, embed] with targets int [batch, chunk] (negative: none) -> (state after
+        its inner step, final-normed hidden [batch, chunk, embed] and float32 [batch, chunk] losses,
+        both from the fast weights before the step)."""
+        return self._vmap(self._row_step, (self.state_rows, 0, 0), (self.state_rows, 0, 0))(state, x, targets)
+
+    def _vmap(self, function, in_axes, out_axes):
+        def mapped(*args):
+            # Sharding constraints inside would name the batch axis of a one-row array, so they are
+            # off there (the batched arrays outside keep their sharding).
+            with spmd.logical_axis_rules(()):
+                return jax.vmap(function, in_axes=in_axes, out_axes=out_axes)(*args)
+        return mapped
+
+    def _row_forward(self, fast, states, x):
+        """One row: x [n, embed] -> (hidden [n, embed] after the final norm, stage states after x, unembedding)."""
+        row_model = nnx.merge(self.graphdef, fast, self.rest, copy=True)
+        hidden, new_states = x[None], []
+        for stage, state in zip(row_model.stages[self.start:], _add_row_axis(states, self.state_rows["stages"])):
+            hidden, state = stages_lib.run_stage(stage, hidden, state, self.stage_context)
+            new_states.append(state)
+        hidden = row_model.final_norm(hidden)[0]
+        return hidden, _remove_row_axis(new_states, self.state_rows["stages"]), row_model.unembedding()
+
+    def _row_step(self, state, x, targets):
+        def chunk_loss(fast):
+            hidden, states, unembedding = self._row_forward(fast, state["stages"], x)
+            per_token = chunked_cross_entropy(hidden[None], unembedding, jnp.maximum(targets, 0)[None],
+                                              self.config.loss_chunk_size)[0]
+            weights = (targets >= 0).astype(jnp.float32)
+            loss = jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+            return loss, (hidden, per_token, states)
+
+        (_, (hidden, per_token, states)), grads = jax.value_and_grad(chunk_loss, has_aux=True)(state["fast"])
+        updates, optimizer_state = self.optimizer.update(grads, state["optimizer"], state["fast"])
+        fast = optax.apply_updates(state["fast"], updates)
+        return {"fast": fast, "optimizer": optimizer_state, "stages": states}, hidden, per_token
+
+
+def read_suffix(model: nnx.Module, x: jax.Array, context: Context) -> tuple[jax.Array, jax.Array, dict]:
+    """Runs the suffix stages of the LM `model` chunk by chunk with an inner step after each chunk, from the start.
 
     Args:
       model: the LM (its config has `e2e_chunk_size`).
@@ -72,14 +143,14 @@ def read_suffix(model: nnx.Module, x: jax.Array, context: Context) -> tuple[jax.
     Returns:
       (hidden [batch, seq, embed] after the final norm, float32 [batch, seq] next-token losses;
       position t of both comes from the fast weights after the steps on the chunks before t's).
-      Losses at positions without a target are meaningless. Third, the fast weights after the last
-      chunk's step: an `nnx.State` of the fast parameters, each with a leading batch axis.
+      Losses at positions without a target are meaningless. Third, the reading state after the
+      last chunk's step (`SuffixReader`), its "fast" entry the fast weights with a leading batch axis.
     """
-    config = model.config
     if context.targets is None or context.targets.shape != x.shape[:2]:
         raise ValueError(f"TTT-E2E reads with targets [batch, seq] = {list(x.shape[:2])} in the context; got "
                          f"{None if context.targets is None else context.targets.shape}")
-    chunk = config.e2e_chunk_size
+    reader = SuffixReader(model, context)
+    chunk = model.config.e2e_chunk_size
     batch, seq, embed = x.shape
     num_chunks = -(-seq // chunk)
     padding = num_chunks * chunk - seq
@@ -88,58 +159,16 @@ def read_suffix(model: nnx.Module, x: jax.Array, context: Context) -> tuple[jax.
     targets = jnp.pad(context.targets, ((0, 0), (0, padding)), constant_values=-1)
     target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
 
-    start = suffix_start(model)
-    graphdef, fast, rest = nnx.split(model, fast_filter(config.e2e_fast_params), ...)
-    suffix = model.stages[start:]
-    states = [stages_lib.init_stage_state(stage, batch) for stage in suffix]
-    state_rows = [_batch_axes(stages_lib.stage_state_axes(stage)) for stage in suffix]
-    fast_rows = jax.tree.map(lambda weight: jnp.broadcast_to(weight, (batch, *weight.shape)), fast)
-    learning_rate = config.e2e_inner_lr * context.inner_lr_scale
-    optimizer = optax.sgd(learning_rate)
-    if config.e2e_inner_clip:
-        optimizer = optax.chain(optax.clip_by_global_norm(config.e2e_inner_clip), optimizer)
-    stage_context = dataclasses.replace(context, targets=None)
+    def chunk_step(state, inputs):
+        state, hidden, per_token = reader.step(state, *inputs)
+        return state, (hidden, per_token)
 
-    def row_step(fast, optimizer_state, x, targets, states):
-        """One sequence's chunk: x [chunk, embed], targets [chunk] -> its loss, then its inner step."""
-        states = _add_row_axis(states, state_rows)
-
-        def chunk_loss(fast):
-            row_model = nnx.merge(graphdef, fast, rest, copy=True)
-            hidden, new_states = x[None], []
-            for stage, state in zip(row_model.stages[start:], states):
-                hidden, state = stages_lib.run_stage(stage, hidden, state, stage_context)
-                new_states.append(state)
-            hidden = row_model.final_norm(hidden)
-            per_token = chunked_cross_entropy(hidden, row_model.unembedding(), jnp.maximum(targets, 0)[None],
-                                              config.loss_chunk_size)[0]
-            weights = (targets >= 0).astype(jnp.float32)
-            loss = jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-            return loss, (hidden[0], per_token, new_states)
-
-        (_, (hidden, per_token, states)), grads = jax.value_and_grad(chunk_loss, has_aux=True)(fast)
-        updates, optimizer_state = optimizer.update(grads, optimizer_state, fast)
-        fast = optax.apply_updates(fast, updates)
-        return fast, optimizer_state, hidden, per_token, _remove_row_axis(states, state_rows)
-
-    def chunk_step(carry, inputs):
-        fast, optimizer_state, states = carry
-        x, targets = inputs
-        # The rows are mapped by vmap; sharding constraints inside would name the batch axis of a
-        # one-row array, so they are off there (the batched arrays outside keep their sharding).
-        with spmd.logical_axis_rules(()):
-            fast, optimizer_state, hidden, per_token, states = jax.vmap(
-                row_step, in_axes=(0, 0, 0, 0, state_rows), out_axes=(0, 0, 0, 0, state_rows),
-            )(fast, optimizer_state, x, targets, states)
-        return (fast, optimizer_state, states), (hidden, per_token)
-
-    if config.e2e_remat:
+    if model.config.e2e_remat:
         chunk_step = jax.checkpoint(chunk_step, prevent_cse=False)
-    optimizer_state = jax.vmap(optimizer.init)(fast_rows)
-    (fast_rows, _, _), (hidden, per_token) = jax.lax.scan(chunk_step, (fast_rows, optimizer_state, states), (x_chunks, target_chunks))
+    state, (hidden, per_token) = jax.lax.scan(chunk_step, reader.initial_state(batch), (x_chunks, target_chunks))
     hidden = hidden.swapaxes(0, 1).reshape(batch, num_chunks * chunk, embed)[:, :seq]
     per_token = per_token.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :seq]
-    return hidden, per_token, fast_rows
+    return hidden, per_token, state
 
 
 def _batch_axes(axes):

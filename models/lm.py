@@ -146,12 +146,12 @@ class LM(nnx.Module):
         check_token_ids(ids, self.config.vocab_size)
         if self.suffix_start is None:
             raise ValueError("read_fast_weights needs a TTT-E2E model (config.e2e_chunk_size set); this one has none")
-        return self._read_e2e(ids[:, :-1], dataclasses.replace(context, targets=ids[:, 1:]))[2]
+        return self._read_e2e(ids[:, :-1], dataclasses.replace(context, targets=ids[:, 1:]))[2]["fast"]
 
-    def _read_e2e(self, ids: jax.Array, context: Context) -> tuple[jax.Array, jax.Array, nnx.State]:
+    def _read_e2e(self, ids: jax.Array, context: Context) -> tuple[jax.Array, jax.Array, dict]:
         """TTT-E2E from the initial state: ids [batch, seq], `context.targets` [batch, seq] ->
-        (final-normed hidden states [batch, seq, embed], float32 [batch, seq] next-token losses, fast
-        weights after the last chunk's step; see `e2e.read_suffix`)."""
+        (final-normed hidden states [batch, seq, embed], float32 [batch, seq] next-token losses, the
+        suffix's reading state after the last chunk's step; see `e2e.read_suffix`)."""
         x = self._embed(ids)
         for stage in self.stages[:self.suffix_start]:
             x, _ = stages_lib.run_stage(stage, x, None, context, keep_state=False, remat_policy=self._remat_policy())
