@@ -66,40 +66,13 @@ def _generate_new_tokens(model: LM, prompt_ids: jax.Array, rng: jax.Array, cache
     return jnp.concatenate([tokens.T, last[:, None]], axis=1)
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate_by_rereading(model: LM, prompt_ids: jax.Array, rng: jax.Array, *, max_new_tokens: int,
-                           temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
-    """New tokens of a TTT-E2E model, each from one full forward over the prompt and the tokens so far.
-
-    Exact (position t's logits depend on no later slot of the buffer, even through the inner steps:
-    a chunk's step needs only targets inside the chunks before t's), but each token costs a read
-    of the whole sequence: the stand-in until E2E decodes from a cache with constant memory.
-    """
-    draw = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
-    prompt = prompt_ids.shape[1]
-    buffer = jnp.pad(prompt_ids, ((0, 0), (0, max_new_tokens)))
-
-    @nnx.scan(in_axes=(None, nnx.Carry), out_axes=nnx.Carry, length=max_new_tokens)
-    def decode(model: LM, carry):
-        buffer, index, rng = carry
-        logits = jax.lax.dynamic_index_in_dim(model(buffer), index - 1, axis=1, keepdims=False)
-        rng, key = jax.random.split(rng)
-        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, draw(logits, key)[:, None], index, axis=1)
-        return buffer, index + 1, rng
-
-    buffer, _, _ = decode(model, (buffer, jnp.asarray(prompt, jnp.int32), rng))
-    return buffer[:, prompt:]
-
-
 def generate(model: LM, prompt_ids: jax.Array, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, rng: jax.Array | None = None,
              cache=None) -> jax.Array:
     """Continues every prompt by `max_new_tokens` sampled tokens.
 
     The prompt is read once with `model.extend`; the new tokens come from a `lax.scan` of one-token
-    `model.extend` calls under one `nnx.jit` (compiled once per shape and sampling setting). A
-    TTT-E2E model cannot read from a cache yet: each of its new tokens re-reads the whole sequence
-    (exact, but the cost grows with the length).
+    `model.extend` calls under one `nnx.jit` (compiled once per shape and sampling setting).
 
     Args:
       model: the LM.
@@ -126,10 +99,6 @@ def generate(model: LM, prompt_ids: jax.Array, max_new_tokens: int, *, temperatu
     if max_new_tokens == 0:
         return prompt_ids
     rng = jax.random.key(0) if rng is None else rng
-    if model.suffix_start is not None and cache is None:
-        new_tokens = _generate_by_rereading(model, prompt_ids, rng, max_new_tokens=max_new_tokens,
-                                            temperature=temperature, top_k=top_k, top_p=top_p)
-        return jnp.concatenate([prompt_ids, new_tokens], axis=1)
     new_tokens = _generate_new_tokens(model, prompt_ids, rng, cache, max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_k=top_k, top_p=top_p)
     return jnp.concatenate([prompt_ids, new_tokens], axis=1)

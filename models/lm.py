@@ -9,7 +9,7 @@ from flax import nnx
 
 from ttt.configs import ModelConfig
 from ttt.context import DEFAULT, Context
-from ttt.models import e2e
+from ttt.models import e2e, e2e_cache
 from ttt.models import stages as stages_lib
 from ttt.models.inputs import check_token_ids
 from ttt.models.layers import normal_init, rms_norm
@@ -117,27 +117,37 @@ class LM(nnx.Module):
 
     def init_cache(self, batch: int) -> Cache:
         """The cache before any token has been read."""
+        self._check_not_e2e("init_cache")
         return {"stages": [stages_lib.init_stage_state(stage, batch) for stage in self.stages]}
 
     def cache_axes(self) -> Cache:
         """Logical axis names (a `PartitionSpec` per array) of the cache, for sharding or restoring it on a mesh."""
+        self._check_not_e2e("cache_axes")
         return {"stages": [stages_lib.stage_state_axes(stage) for stage in self.stages]}
+
+    def _check_not_e2e(self, method: str) -> None:
+        # A TTT-E2E cache exists only after a first token (its pending chunk is never empty).
+        if self.suffix_start is not None:
+            raise ValueError(f"{method} is not built for TTT-E2E models; their cache comes from extend(ids) "
+                             "(None: read from the start)")
 
     # -- pieces ---------------------------------------------------------------------------
 
     def _read(self, ids: jax.Array, cache: Cache | None, context: Context) -> tuple[jax.Array, Cache]:
         """ids read after `cache` -> (final-normed hidden states [batch, seq, embed], cache after ids)."""
         check_token_ids(ids, self.config.vocab_size)
-        if self.suffix_start is not None:
-            raise ValueError("reading with a cache (extend, generate from a cache, loss after a cache) is not built "
-                             "for TTT-E2E models yet; model(ids), model.loss(ids) and generate read from the start")
         x = self._embed(ids)
-        states = [None] * len(self.stages) if cache is None else cache["stages"]
+        # A TTT-E2E model's cache holds the prefix stages' states and the suffix's (models/e2e_cache.py).
+        prefix = self.stages if self.suffix_start is None else self.stages[:self.suffix_start]
+        states = [None] * len(prefix) if cache is None else cache["stages"]
         new_states = []
-        for stage, state in zip(self.stages, states):
+        for stage, state in zip(prefix, states):
             x, state = stages_lib.run_stage(stage, x, state, context)
             new_states.append(state)
-        return self.final_norm(x), {"stages": new_states}
+        if self.suffix_start is None:
+            return self.final_norm(x), {"stages": new_states}
+        hidden, suffix = e2e_cache.extend_suffix(self, x, ids, None if cache is None else cache["e2e"], context)
+        return hidden, {"stages": new_states, "e2e": suffix}
 
     def read_fast_weights(self, ids: jax.Array, context: Context = DEFAULT) -> nnx.State:
         """TTT-E2E: the fast weights after reading ids[:, :-1] with targets ids[:, 1:] (as `loss` does), one

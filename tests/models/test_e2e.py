@@ -46,6 +46,8 @@ def ordinary_twin(model: LM) -> LM:
 # Module-level jitted functions, so that tests of the same config and shapes compile them once.
 _per_token_losses = nnx.jit(lambda model, ids, scale: model.loss(ids, context=Context(inner_lr_scale=scale))[1])
 _read_fast_weights = nnx.jit(lambda model, ids: model.read_fast_weights(ids))
+_extend = nnx.jit(lambda model, ids, cache: model.extend(ids, cache))
+_forward = nnx.jit(lambda model, ids: model(ids))
 
 
 def per_token_losses(model: LM, ids: jax.Array, inner_lr_scale: float = 1.0) -> np.ndarray:
@@ -116,13 +118,31 @@ def test_outer_gradient_through_the_inner_steps_equals_finite_differences():
     assert abs(analytic - numeric) <= 1e-2 * abs(numeric), (analytic, numeric)
 
 
+@pytest.mark.parametrize("prompt", [CHUNK + 2, 2 * CHUNK])
+def test_decoding_from_the_cache_equals_the_forward_at_every_position(prompt):
+    """Prefill a prompt (ending inside a chunk, or at a chunk boundary), then read one
+    token at a time (inner steps as chunks complete): the logits at every position equal the training
+    forward's over the whole sequence, and the cache keeps its size."""
+    model = LM(make_config(), rngs=nnx.Rngs(0))
+    ids = make_ids(3)[:, :3 * CHUNK + 1]
+    logits, cache = _extend(model, ids[:, :prompt], None)
+    size = sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
+    pieces = [logits]
+    for position in range(prompt, ids.shape[1]):
+        logits, cache = _extend(model, ids[:, position:position + 1], cache)
+        pieces.append(logits)
+    forward = _forward(model, ids)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), forward, rtol=1e-5, atol=1e-5)
+    assert sum(leaf.nbytes for leaf in jax.tree.leaves(cache)) == size
+
+
 def test_generate_predicts_what_the_forward_predicts_at_every_position():
     """Greedy generation on an E2E model (prompt ending inside a chunk, new tokens across chunks): every
     new token is the argmax of the training forward's logits at the position before it."""
     model = LM(make_config(), rngs=nnx.Rngs(0))
     prompt = make_ids(1)[:, :CHUNK + 2]
-    out = generate(model, prompt, CHUNK, temperature=0.0)
-    logits = nnx.jit(lambda model, ids: model(ids))(model, out)
+    out = generate(model, prompt, 2 * CHUNK - 1, temperature=0.0)  # the length of the decoding test: one compile
+    logits = _forward(model, out)
     np.testing.assert_array_equal(np.argmax(logits[:, CHUNK + 1:-1], axis=-1), out[:, CHUNK + 2:])
 
 
