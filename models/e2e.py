@@ -71,7 +71,7 @@ class SuffixReader:
     def __init__(self, model: nnx.Module, context: Context):
         config = model.config
         self.config = config
-        self.start = suffix_start(model)
+        self.start = model.suffix_start
         self.graphdef, self.initial_fast, self.rest = nnx.split(model, fast_filter(config.e2e_fast_params), ...)
         self.suffix = model.stages[self.start:]
         self.optimizer = optax.sgd(config.e2e_inner_lr * context.inner_lr_scale)

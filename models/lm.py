@@ -31,6 +31,10 @@ class LM(nnx.Module):
     state per block of its pattern, stacked over the pattern's repetitions; `cache_axes()` names
     the logical axes of every array. Its size never depends on how many tokens were read, except
     that full-attention layers preallocate `max_seq_len` entries.
+
+    With `config.e2e_chunk_size` (TTT-E2E, models/e2e.py) the stages from `suffix_start` on train
+    their fast weights while reading; `"stages"` then holds the prefix stages' states and `"e2e"` the
+    suffix's (models/e2e_cache.py).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
