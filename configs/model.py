@@ -1,6 +1,7 @@
 """Configuration of a language model (`ttt.models.LM`): sizes, the per-layer mixer pattern, dtypes."""
 
 import dataclasses
+import re
 from typing import Literal
 
 from ttt.configs.ttt_layer import TTTLayerConfig
@@ -21,10 +22,13 @@ class StageConfig:
     Attributes:
       layer_pattern: comma-separated mixers of one repetition, e.g. `"swa,swa,swa,ttt_mlp"`.
       repeats: repetitions of the pattern.
+      prime_mlp: every block of the stage carries a second SwiGLU MLP with its own norm(s), between
+        the mixer and the MLP (the "prime" MLP of TTT-E2E, the weights it trains while reading).
     """
 
     layer_pattern: str
     repeats: int
+    prime_mlp: bool = False
 
     @property
     def pattern(self) -> tuple[str, ...]:
@@ -72,6 +76,18 @@ class ModelConfig:
       pre_conv: every block starts with `x + conv(RMSNorm(x))`, a causal depthwise convolution of
         width `conv_kernel` with bias (the "Mamba backbone" blocks of Sun et al. 2024's configs).
       qk_norm: RMSNorm over head_dim on attention queries and keys.
+      post_norm: an RMSNorm also on the output of every mixer and MLP before it joins the residual
+        (the "sandwich" blocks of the TTT-E2E configs, which set both pre- and post-norms).
+      e2e_chunk_size: TTT-E2E (Tandon et al. 2025) when set: the stages from the first one holding a
+        fast parameter (the suffix) read the sequence in chunks of this many tokens, scoring each
+        chunk with the current fast weights and then taking one inner step on its next-token loss;
+        None: an ordinary model.
+      e2e_inner_lr: learning rate of the inner SGD step (times `Context.inner_lr_scale`).
+      e2e_inner_clip: global-norm clipping of each sequence's inner gradient (0: none).
+      e2e_fast_params: regular expression searched in every parameter path ("/"-joined, e.g.
+        "stages/1/blocks/0/prime_mlp/gate/kernel"); the matches are the fast weights.
+      e2e_remat: rematerialise each chunk's inner step in the backward pass (memory linear in the
+        number of chunks, one more forward per chunk).
       norm_eps: epsilon of every RMSNorm.
       init_std: standard deviation of the normal initialiser of embeddings and projections.
       loss_chunk_size: sequence positions per chunk of the float32 cross-entropy in `LM.loss`.
@@ -103,6 +119,12 @@ class ModelConfig:
     rope_pairing: Literal["half", "interleaved"] = "half"
     pre_conv: bool = False
     qk_norm: bool = False
+    post_norm: bool = False
+    e2e_chunk_size: int | None = None
+    e2e_inner_lr: float = 1.0
+    e2e_inner_clip: float = 1.0
+    e2e_fast_params: str = "(^|/)prime_mlp/"
+    e2e_remat: bool = True
     norm_eps: float = 1e-6
     init_std: float = 0.02
     loss_chunk_size: int = 1024
@@ -147,6 +169,23 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {SUPPORTED_DTYPES}")
         if self.remat_policy_name not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected a bool or one of {REMAT_POLICIES}")
+        if self.e2e_chunk_size is not None:
+            self._check_e2e()
+
+    def _check_e2e(self) -> None:
+        if self.e2e_chunk_size < 1:
+            raise ValueError(f"e2e_chunk_size={self.e2e_chunk_size}; expected >= 1 (or None: no TTT-E2E)")
+        # A chunk is scored before its own inner step, so each of its tokens must still see the whole
+        # chunk before it through attention (Tandon et al. 2025 require window >= chunk).
+        if "swa" in self.mixers and self.sliding_window < self.e2e_chunk_size:
+            raise ValueError(f"sliding_window={self.sliding_window} is smaller than e2e_chunk_size="
+                             f"{self.e2e_chunk_size}; TTT-E2E needs a window of at least one chunk")
+        if self.e2e_inner_lr < 0 or self.e2e_inner_clip < 0:
+            raise ValueError(f"e2e_inner_lr={self.e2e_inner_lr}, e2e_inner_clip={self.e2e_inner_clip}; expected >= 0")
+        try:
+            re.compile(self.e2e_fast_params)
+        except re.error as error:
+            raise ValueError(f"e2e_fast_params={self.e2e_fast_params!r} is not a regular expression ({error})") from None
 
     @property
     def head_dim(self) -> int:

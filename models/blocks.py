@@ -21,15 +21,26 @@ State = Any  # a mixer's state: a dict of arrays
 
 class Block(nnx.Module):
     """`h = x + mixer(norm(x)); out = h + mlp(norm(h))` on [batch, seq, embed], after `x = x + conv(norm(x))`
-    when `config.pre_conv`. Its state is `{"mixer": the mixer's state}` (and `"pre_conv"`: the
+    when `config.pre_conv`. With `prime_mlp`, `h = h + prime_mlp(norm(h))` comes between the two (the
+    place TTT-E2E gives its fast MLP); with `config.post_norm`, every branch's output is normed before
+    it joins the residual. Its state is `{"mixer": the mixer's state}` (and `"pre_conv"`: the
     convolution's history)."""
 
-    def __init__(self, config: ModelConfig, mixer: str, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, mixer: str, *, prime_mlp: bool = False, rngs: nnx.Rngs):
+        post_norm = lambda: rms_norm(config, config.hidden_size, "embed", rngs=rngs) if config.post_norm else None
         self.pre_conv = PreConvolution(config, rngs=rngs) if config.pre_conv else None
         self.mixer_norm = rms_norm(config, config.hidden_size, "embed", rngs=rngs)
         self.mixer = make_mixer(config, mixer, rngs=rngs)
+        self.mixer_post_norm = post_norm()
+        if prime_mlp:
+            self.prime_mlp_norm = rms_norm(config, config.hidden_size, "embed", rngs=rngs)
+            self.prime_mlp = SwiGLU(config, rngs=rngs)
+            self.prime_mlp_post_norm = post_norm()
+        else:
+            self.prime_mlp_norm = self.prime_mlp = self.prime_mlp_post_norm = None
         self.mlp_norm = rms_norm(config, config.hidden_size, "embed", rngs=rngs)
         self.mlp = SwiGLU(config, rngs=rngs)
+        self.mlp_post_norm = post_norm()
 
     def extend(self, x: jax.Array, state: State | None = None, context: Context = DEFAULT) -> tuple[jax.Array, State]:
         """x: [batch, seq, embed] read from `state` (None: the initial state) -> ([batch, seq, embed], state after x)."""
@@ -39,8 +50,11 @@ class Block(nnx.Module):
             x, new_state["pre_conv"] = self.pre_conv(x, history)
         mixed, new_state["mixer"] = self.mixer.extend(self.mixer_norm(x), None if state is None else state["mixer"],
                                                       context)
-        h = x + mixed
-        return constrain(h + self.mlp(self.mlp_norm(h)), ("batch", "seq", "embed")), new_state
+        h = x + _maybe(self.mixer_post_norm, mixed)
+        if self.prime_mlp is not None:
+            h = h + _maybe(self.prime_mlp_post_norm, self.prime_mlp(self.prime_mlp_norm(h)))
+        out = h + _maybe(self.mlp_post_norm, self.mlp(self.mlp_norm(h)))
+        return constrain(out, ("batch", "seq", "embed")), new_state
 
     def init_state(self, batch: int) -> State:
         state = {"mixer": self.mixer.init_state(batch)}
@@ -55,11 +69,15 @@ class Block(nnx.Module):
         return axes
 
 
+def _maybe(norm: nnx.RMSNorm | None, x: jax.Array) -> jax.Array:
+    return x if norm is None else norm(x)
+
+
 class BlockGroup(nnx.Module):
     """One repetition of a stage's layer pattern: a block per mixer name; its state is a list, one per block."""
 
-    def __init__(self, config: ModelConfig, pattern: tuple[str, ...], *, rngs: nnx.Rngs):
-        self.blocks = nnx.List([Block(config, mixer, rngs=rngs) for mixer in pattern])
+    def __init__(self, config: ModelConfig, pattern: tuple[str, ...], *, prime_mlp: bool = False, rngs: nnx.Rngs):
+        self.blocks = nnx.List([Block(config, mixer, prime_mlp=prime_mlp, rngs=rngs) for mixer in pattern])
 
     def extend(self, x: jax.Array, states: list[State] | None = None,
                context: Context = DEFAULT) -> tuple[jax.Array, list[State]]:

@@ -30,7 +30,8 @@ def describe(name: str) -> str:
     lines = [
         f"preset:          {name}",
         f"parameters:      {count:,} ({count / 1e6:.1f}M)",
-        "layers:          " + " + ".join(f"{stage.repeats} x ({stage.layer_pattern})" for stage in config.model_stages)
+        "layers:          " + " + ".join(f"{stage.repeats} x ({stage.layer_pattern}{' + prime MLP' * stage.prime_mlp})"
+                                             for stage in config.model_stages)
         + f" = {config.num_layers}, scanned per stage",
         f"hidden / heads:  {config.hidden_size} / {config.num_heads} (kv heads {config.kv_heads}, head dim "
         f"{config.head_dim}), mlp {config.mlp_hidden_size}",
@@ -40,6 +41,9 @@ def describe(name: str) -> str:
         lines.append(f"ttt:             {config.backbone} backbone, mini-batch {config.mini_batch_size}")
     if "swa" in config.mixers:
         lines.append(f"sliding window:  {config.sliding_window}")
+    if config.e2e_chunk_size is not None:
+        lines.append(f"ttt-e2e:         chunk {config.e2e_chunk_size}, inner SGD lr {config.e2e_inner_lr} clipped at "
+                     f"global norm {config.e2e_inner_clip}, fast weights /{config.e2e_fast_params}/")
     return "\n".join(lines)
 
 

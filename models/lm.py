@@ -1,5 +1,6 @@
 """`LM`: embeddings, stages of scanned pre-norm blocks, final norm, logits; one forward that reads from a cache."""
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -8,6 +9,7 @@ from flax import nnx
 
 from ttt.configs import ModelConfig
 from ttt.context import DEFAULT, Context
+from ttt.models import e2e, e2e_cache
 from ttt.models import stages as stages_lib
 from ttt.models.inputs import check_token_ids
 from ttt.models.layers import normal_init, rms_norm
@@ -29,6 +31,10 @@ class LM(nnx.Module):
     state per block of its pattern, stacked over the pattern's repetitions; `cache_axes()` names
     the logical axes of every array. Its size never depends on how many tokens were read, except
     that full-attention layers preallocate `max_seq_len` entries.
+
+    With `config.e2e_chunk_size` (TTT-E2E, models/e2e.py) the stages from `suffix_start` on train
+    their fast weights while reading; `"stages"` then holds the prefix stages' states and `"e2e"` the
+    suffix's (models/e2e_cache.py).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -44,6 +50,8 @@ class LM(nnx.Module):
             self.head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=config.dtype,
                                    param_dtype=config.param_dtype, kernel_init=normal_init(config, ("embed", "vocab")),
                                    rngs=rngs)
+        # TTT-E2E: the stages from here on read chunk by chunk, training their fast weights.
+        self.suffix_start = e2e.suffix_start(self) if config.e2e_chunk_size is not None else None
 
     # -- the forward ----------------------------------------------------------------------
 
@@ -58,6 +66,10 @@ class LM(nnx.Module):
         """ids: int32 [batch, seq] -> final-normed hidden states [batch, seq, embed], from the initial state,
         each scanned group rematerialised as `config.remat` says (the training forward)."""
         check_token_ids(ids, self.config.vocab_size)
+        if self.suffix_start is not None:
+            if context.targets is None:  # each position predicts the next id; the last one's is unknown
+                context = dataclasses.replace(context, targets=jnp.pad(ids[:, 1:], ((0, 0), (0, 1)), constant_values=-1))
+            return self._read_e2e(ids, context)[0]
         x = self._embed(ids)
         for stage in self.stages:
             x, _ = stages_lib.run_stage(stage, x, None, context, keep_state=False, remat_policy=self._remat_policy())
@@ -88,11 +100,14 @@ class LM(nnx.Module):
         batch, seq = ids.shape
         if seq < 2:
             raise ValueError(f"loss needs sequences of at least 2 tokens; got ids of shape {ids.shape}")
-        if cache is None:
-            hidden = self.hidden_states(ids[:, :-1], context)
+        if self.suffix_start is not None and cache is None:  # the inner loop has scored every token already
+            _, per_token, _ = self._read_e2e(ids[:, :-1], dataclasses.replace(context, targets=ids[:, 1:]))
         else:
-            hidden, _ = self._read(ids[:, :-1], cache, context)
-        per_token = chunked_cross_entropy(hidden, self._unembedding(), ids[:, 1:], self.config.loss_chunk_size)
+            if cache is None:
+                hidden = self.hidden_states(ids[:, :-1], context)
+            else:
+                hidden, _ = self._read(ids[:, :-1], cache, context)
+            per_token = chunked_cross_entropy(hidden, self.unembedding(), ids[:, 1:], self.config.loss_chunk_size)
         if mask is None:
             return per_token.mean(), per_token
         if mask.shape == (batch, seq):
@@ -106,11 +121,19 @@ class LM(nnx.Module):
 
     def init_cache(self, batch: int) -> Cache:
         """The cache before any token has been read."""
+        self._check_not_e2e("init_cache")
         return {"stages": [stages_lib.init_stage_state(stage, batch) for stage in self.stages]}
 
     def cache_axes(self) -> Cache:
         """Logical axis names (a `PartitionSpec` per array) of the cache, for sharding or restoring it on a mesh."""
+        self._check_not_e2e("cache_axes")
         return {"stages": [stages_lib.stage_state_axes(stage) for stage in self.stages]}
+
+    def _check_not_e2e(self, method: str) -> None:
+        # A TTT-E2E cache exists only after a first token (its pending chunk is never empty).
+        if self.suffix_start is not None:
+            raise ValueError(f"{method} is not built for TTT-E2E models; their cache comes from extend(ids) "
+                             "(None: read from the start)")
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -118,14 +141,37 @@ class LM(nnx.Module):
         """ids read after `cache` -> (final-normed hidden states [batch, seq, embed], cache after ids)."""
         check_token_ids(ids, self.config.vocab_size)
         x = self._embed(ids)
-        states = [None] * len(self.stages) if cache is None else cache["stages"]
+        # A TTT-E2E model's cache holds the prefix stages' states and the suffix's (models/e2e_cache.py).
+        prefix = self.stages if self.suffix_start is None else self.stages[:self.suffix_start]
+        states = [None] * len(prefix) if cache is None else cache["stages"]
         new_states = []
-        for stage, state in zip(self.stages, states):
+        for stage, state in zip(prefix, states):
             x, state = stages_lib.run_stage(stage, x, state, context)
             new_states.append(state)
-        return self.final_norm(x), {"stages": new_states}
+        if self.suffix_start is None:
+            return self.final_norm(x), {"stages": new_states}
+        hidden, suffix = e2e_cache.extend_suffix(self, x, ids, None if cache is None else cache["e2e"], context)
+        return hidden, {"stages": new_states, "e2e": suffix}
 
-    def _unembedding(self) -> jax.Array:
+    def read_fast_weights(self, ids: jax.Array, context: Context = DEFAULT) -> nnx.State:
+        """TTT-E2E: the fast weights after reading ids[:, :-1] with targets ids[:, 1:] (as `loss` does), one
+        inner step per chunk: an `nnx.State` of the fast parameters, each [batch, *parameter shape].
+        The model itself is left as it was."""
+        check_token_ids(ids, self.config.vocab_size)
+        if self.suffix_start is None:
+            raise ValueError("read_fast_weights needs a TTT-E2E model (config.e2e_chunk_size set); this one has none")
+        return self._read_e2e(ids[:, :-1], dataclasses.replace(context, targets=ids[:, 1:]))[2]["fast"]
+
+    def _read_e2e(self, ids: jax.Array, context: Context) -> tuple[jax.Array, jax.Array, dict]:
+        """TTT-E2E from the initial state: ids [batch, seq], `context.targets` [batch, seq] ->
+        (final-normed hidden states [batch, seq, embed], float32 [batch, seq] next-token losses, the
+        suffix's reading state after the last chunk's step; see `e2e.read_suffix`)."""
+        x = self._embed(ids)
+        for stage in self.stages[:self.suffix_start]:
+            x, _ = stages_lib.run_stage(stage, x, None, context, keep_state=False, remat_policy=self._remat_policy())
+        return e2e.read_suffix(self, x, context)
+
+    def unembedding(self) -> jax.Array:
         """[embed, vocab] matrix mapping final hidden states to logits."""
         if self.head is None:
             return self.embed.embedding[...].T
@@ -135,7 +181,7 @@ class LM(nnx.Module):
         return constrain(self.embed(ids), ("batch", "seq", "embed"))
 
     def _logits(self, hidden: jax.Array) -> jax.Array:
-        return project_to_vocab(hidden, self._unembedding(), hidden.dtype)
+        return project_to_vocab(hidden, self.unembedding(), hidden.dtype)
 
     def _remat_policy(self):
         policy = self.config.remat_policy_name

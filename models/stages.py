@@ -27,7 +27,7 @@ def make_stage(config: ModelConfig, stage: StageConfig, rngs: nnx.Rngs) -> Block
     @nnx.split_rngs(splits=stage.repeats)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=LAYER_AXIS_METADATA)
     def make_groups(rngs: nnx.Rngs) -> BlockGroup:
-        return BlockGroup(config, stage.pattern, rngs=rngs)
+        return BlockGroup(config, stage.pattern, prime_mlp=stage.prime_mlp, rngs=rngs)
 
     return make_groups(rngs)
 

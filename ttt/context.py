@@ -16,12 +16,16 @@ class Context:
 
     Attributes:
       inner_lr_scale: scalar multiplying every TTT layer's inner learning rate; training's inner-LR
-        warmup sets it below 1 for the first steps, everything else leaves it at 1. Attention ignores it.
+        warmup sets it below 1 for the first steps, everything else leaves it at 1 (it scales TTT-E2E's
+        inner learning rate too). Attention ignores it.
+      targets: int [batch, seq], the token each position must predict (negative: none known), for
+        inner losses that need the next token (TTT-E2E); None when the caller has no targets.
     """
 
     inner_lr_scale: jax.Array | float = 1.0
+    targets: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(Context, data_fields=["inner_lr_scale"], meta_fields=[])
+jax.tree_util.register_dataclass(Context, data_fields=["inner_lr_scale", "targets"], meta_fields=[])
 
 DEFAULT = Context()

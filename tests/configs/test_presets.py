@@ -61,8 +61,9 @@ def test_125m_transformer_is_about_110m():
 @pytest.mark.parametrize("name", configs.names())
 def test_every_preset_counts_as_the_sum_of_its_layers(name):
     """`ttt-info` on the abstract LM (nnx.eval_shape) reports embedding + each layer's mixer, MLP
-    and norms counted on standalone modules (+ the pre-convolution's kernel, bias and norm) + final
-    norm, and the layer pattern."""
+    and norms counted on standalone modules (+ the pre-convolution's kernel, bias and norm; + a prime
+    MLP and its norms in the stages that have one; post-norms double the norms) + final norm, and
+    the layer pattern of every stage."""
     config = configs.get(name)
     mixer_counts = {
         "attention": lambda: Attention(config, window=None, rngs=nnx.Rngs(0)),
@@ -71,13 +72,16 @@ def test_every_preset_counts_as_the_sum_of_its_layers(name):
         "ttt_mlp": lambda: ttt.TTTLayer(config.ttt_layer_config("ttt_mlp"), rngs=nnx.Rngs(0)),
     }
     mlp = abstract_count(lambda: SwiGLU(config, rngs=nnx.Rngs(0)))
-    mixer_count = {mixer: abstract_count(mixer_counts[mixer]) for mixer in set(config.pattern)}
+    mixer_count = {mixer: abstract_count(mixer_counts[mixer]) for mixer in set(config.mixers)}
     pre_conv = (config.conv_kernel + 2) * config.hidden_size if config.pre_conv else 0
-    layers = sum(mixer_count[mixer] + mlp + 2 * config.hidden_size + pre_conv for mixer in config.mixers)
-    count = config.vocab_size * config.hidden_size + layers + config.hidden_size
+    norms = (2 + 2 * config.post_norm) * config.hidden_size
+    layers = sum(mixer_count[mixer] + mlp + norms + pre_conv for mixer in config.mixers)
+    prime = (mlp + (1 + config.post_norm) * config.hidden_size) * sum(
+        stage.num_layers for stage in config.model_stages if stage.prime_mlp)
+    count = config.vocab_size * config.hidden_size + layers + prime + config.hidden_size
     description = info.describe(name)  # what `ttt-info --config NAME` prints
     assert f"parameters:      {count:,} " in description
-    assert f"({config.layer_pattern})" in description
+    assert all(f"({stage.layer_pattern}" in description for stage in config.model_stages)
     if name in TINY:
         assert count < 5_000_000
 
@@ -114,3 +118,33 @@ def test_config_is_hashable_and_frozen():
     assert hash(config) == hash(dataclasses.replace(config))
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.hidden_size = 1
+
+
+# TTT-E2E shapes of the paper's configs (test-time-training/e2e): layers, width, heads, baseline MLP,
+# shrunk MLP, blocks with a prime MLP.
+E2E_SHAPES = {"125m": (12, 768, 12, 2048, 1664, 3), "350m": (24, 1024, 16, 2816, 2304, 6),
+              "760m": (24, 1536, 16, 4096, 3328, 6), "1b": (24, 2048, 32, 5376, 4352, 6),
+              "3b": (32, 2560, 32, 6912, 5632, 8)}
+
+
+@pytest.mark.parametrize("size", [*E2E_SHAPES, "tiny"])
+def test_e2e_presets_count_and_match_their_baselines(size):
+    """Counts from the formula (QK-norm and post-norms add 2 head_dim + 2 width per block, a prime MLP
+    3 width x MLP + 2 width); the last quarter carries the prime MLP; the E2E model is within 3% of the
+    baselines' count; the paper's shapes, window 8192, chunk 1024 and vocabulary 128256."""
+    e2e, swa, full = (configs.get(f"e2e{kind}-{size}") for kind in ("", "-swa", "-fa"))
+    extra_norms = lambda c: c.num_layers * (2 * c.head_dim + 2 * c.hidden_size)
+    fast_blocks = e2e.model_stages[-1].num_layers
+    prime = fast_blocks * (3 * e2e.hidden_size * e2e.mlp_hidden_size + 2 * e2e.hidden_size)
+    assert info.count_parameters(e2e) == transformer_count(e2e) + extra_norms(e2e) + prime
+    for baseline in (swa, full):
+        assert info.count_parameters(baseline) == transformer_count(baseline) + extra_norms(baseline)
+    assert 4 * fast_blocks == e2e.num_layers and e2e.model_stages[-1].prime_mlp
+    assert abs(info.count_parameters(e2e) / info.count_parameters(full) - 1) < 0.03
+    assert set(e2e.mixers) == set(swa.mixers) == {"swa"} and set(full.mixers) == {"attention"}
+    if size != "tiny":
+        layers, width, heads, mlp, shrunk, blocks = E2E_SHAPES[size]
+        assert (e2e.num_layers, e2e.hidden_size, e2e.num_heads, e2e.mlp_hidden_size, fast_blocks) == (
+            layers, width, heads, shrunk, blocks)
+        assert (full.mlp_hidden_size, e2e.sliding_window, e2e.e2e_chunk_size, e2e.vocab_size) == (
+            mlp, 8192, 1024, 128256)
