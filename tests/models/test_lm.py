@@ -201,3 +201,18 @@ def test_stacked_parameters_carry_the_layers_axis_under_a_mesh():
 def test_bad_config_is_rejected(field, value, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(make_config("swa"), **{field: value})
+
+
+@pytest.mark.parametrize("ids, message", [
+    (np.array([[1, 2, 64]]), "token id"),          # >= vocab_size (64): NaN logits without the check
+    (np.array([[1, -1, 2]]), "token id"),          # negative: silently the end of the table without it
+    (np.array([1, 2, 3]), r"expected \[batch, seq\]"),
+    (np.array([[1.0, 2.0]]), "integer"),
+])
+def test_bad_token_ids_are_errors_at_every_entry_point(ids, message):
+    """Checked before any computation (an abstract model suffices): the forward, the one forward
+    from a cache, the loss and generation."""
+    model = nnx.eval_shape(lambda: LM(make_config("ttt_linear"), rngs=nnx.Rngs(0)))
+    for entry in (model, model.extend, model.loss, lambda ids: generate(model, ids, 2)):
+        with pytest.raises(ValueError, match=message):
+            entry(ids)
