@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study_report  # noqa: E402 (the script's own folder)
 
 E2E_PRESET = "ttt-e2e-tiny"
+STUDY_JSON = "study.json"
 TARGET_ACCURACY = 0.99
 
 
@@ -54,12 +55,12 @@ class Budget:
     mqar_pairs: int = 4
     harder_length: int = 128
     harder_pairs: int = 8
-    mqar_steps: int = 240
+    mqar_steps: int = 200
     mqar_batch: int = 32
-    eval_every: int = 20
+    eval_every: int = 25
     held_out_rows: int = 256
     text_source: str = "pystdlib"
-    text_steps: int = 120
+    text_steps: int = 60
     text_batch: int = 8
     text_seq_len: int = 256
     text_max_documents: int = 0
@@ -68,7 +69,7 @@ class Budget:
     long_documents: int = 2
     needle_lengths: tuple[int, ...] = (512, 1024, 2048)
     needle_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
-    needle_examples: int = 4
+    needle_examples: int = 2
 
 
 SMOKE = Budget(num_layers=2, hidden_size=32, num_heads=4, mlp_hidden_size=64, sliding_window=8, mqar_length=32,
@@ -176,6 +177,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default="docs", help="folder of RESULTS.md, study.json and the plots")
     parser.add_argument("--workdir", default="runs/study",
                         help="training runs; each family's folder is emptied first (a curve needs a fresh run)")
+    # A rerun with the same budget and --out keeps the families already in study.json.
     parser.add_argument("--data-dir", default="", help="where the text dataset is built ('': the default cache)")
     parser.add_argument("--families", default=",".join(available_families()),
                         help=f"comma-separated subset of {available_families()}")
@@ -192,26 +194,45 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.report_only:
-        with open(os.path.join(args.out, "study.json")) as f:
+        with open(os.path.join(args.out, STUDY_JSON)) as f:
             results = json.load(f)
         study_report.write(results, args.out)
         return results
     budget = SMOKE if args.smoke else Budget()
     models = matched_families(budget, args.families.split(","))
-    results = {"command": "python benchmarks/study.py " + shlex.join(argv), "budget": dataclasses.asdict(budget),
-               "families": {}}
+    results = _earlier_results(args.out, budget)
+    results["command"] = "python benchmarks/study.py " + shlex.join(argv)
     for name, model in models.items():
+        if name in results["families"]:
+            print(f"{name}: kept from {os.path.join(args.out, STUDY_JSON)}", flush=True)
+            continue
         print(f"{name}: {step.count_parameters(model):,} parameters (SwiGLU width {model.mlp_hidden_size})", flush=True)
         shutil.rmtree(os.path.join(args.workdir, name), ignore_errors=True)
         results["families"][name] = {
             "parameters": step.count_parameters(model), "config": dataclasses.asdict(model),
             "mqar": mqar_study(model, budget, os.path.join(args.workdir, name, "mqar")),
             "text": text_study(model, budget, os.path.join(args.workdir, name, "text"), args.data_dir)}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "study.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        _save(results, args.out)  # each family as it finishes: an interrupted study resumes at the next
     study_report.write(results, args.out)
     return results
+
+
+def _earlier_results(directory: str, budget: Budget) -> dict:
+    """The families already measured in `directory` with the same budget (a rerun resumes); else none."""
+    path = os.path.join(directory, STUDY_JSON)
+    budget_json = json.loads(json.dumps(dataclasses.asdict(budget)))
+    if os.path.exists(path):
+        with open(path) as f:
+            earlier = json.load(f)
+        if earlier.get("budget") == budget_json:
+            return earlier
+    return {"budget": budget_json, "families": {}}
+
+
+def _save(results: dict, directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, STUDY_JSON), "w") as f:
+        json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
