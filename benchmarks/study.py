@@ -1,7 +1,7 @@
 """The study: every tiny family trained the same way, then scored on recall and on long documents.
 
     python benchmarks/study.py                      # the budget of docs/RESULTS.md (about 30 min on 2 CPU cores)
-    python benchmarks/study.py --smoke --out /tmp/s # seconds: tiny models, a few steps (the tests run it)
+    python benchmarks/study.py --smoke --out /tmp/s # about a minute: tiny models, a few steps (the tests run it)
 
 Families (attention, sliding-window attention only, TTT-Linear, TTT-MLP, the SWA/TTT hybrid) share
 depth, width, heads and vocabulary; each family's SwiGLU width is chosen so that its parameter
@@ -74,7 +74,7 @@ class Budget:
 
 SMOKE = Budget(num_layers=2, hidden_size=32, num_heads=4, mlp_hidden_size=64, sliding_window=8, mqar_length=32,
                mqar_pairs=2, harder_length=48, harder_pairs=3, mqar_steps=2, mqar_batch=8, eval_every=2,
-               held_out_rows=16, text_steps=2, text_batch=4, text_seq_len=32, text_max_documents=40,
+               held_out_rows=16, text_steps=2, text_batch=8, text_seq_len=32, text_max_documents=40,
                text_validation_fraction=0.2, long_length=512, long_documents=1,
                needle_lengths=(512,), needle_depths=(0.0, 1.0), needle_examples=1)
 
@@ -181,7 +181,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data-dir", default="", help="where the text dataset is built ('': the default cache)")
     parser.add_argument("--families", default=",".join(available_families()),
                         help=f"comma-separated subset of {available_families()}")
-    parser.add_argument("--smoke", action="store_true", help="tiny models and a few steps: runs in seconds")
+    parser.add_argument("--smoke", action="store_true", help="tiny models and a few steps (about a minute)")
     parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the plots from study.json")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.families.split(",")) - set(available_families()))
