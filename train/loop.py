@@ -18,10 +18,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from ttt.configs.train import TrainConfig
+from ttt.configs.train import RECALL_SOURCES, TrainConfig
 from ttt.models.inputs import check_token_ids
 from ttt.train import checkpoint as checkpoint_lib
-from ttt.train import dataset, metrics, pipeline, step
+from ttt.train import dataset, metrics, pipeline, step, task_data
 from ttt.train import mesh as mesh_lib
 from ttt.train.optim import inner_lr_scale_schedule, make_optimizer
 from ttt.train.tokenizers import check_fits, load_tokenizer
@@ -39,7 +39,7 @@ class Run:
     model: nnx.Module
     step: int
     losses: dict[int, float]
-    data: dataset.TextDocuments
+    data: dataset.TextDocuments | None  # None for a recall task (`RECALL_SOURCES`)
     stopped_by_signal: bool
 
 
@@ -121,16 +121,8 @@ def train(config: TrainConfig, *, progress: bool | None = None, stop_after: int 
     """
     prepare_workdir(config.workdir)
     mesh = mesh_lib.make_mesh(config.mesh)
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    check_fits(tokenizer, config.model.vocab_size)
     local_batch = check_batch(config, mesh)
-    builder = prepare_data(config)
-    sources = dataset.data_sources(builder)
-    batches = pipeline.training_batches(
-        sources["train"], tokenizer, seq_len=config.data.seq_len, batch_size=local_batch, seed=config.data.seed,
-        shuffle_window=config.data.shuffle_window, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    data_iterator = pipeline.CheckpointableIterator(batches)
+    builder, data_iterator = _training_data(config, local_batch)
     checkpointer = checkpoint_lib.Checkpointer(config.workdir, keep=config.keep_checkpoints)
     with mesh_lib.activate(mesh):
         model = step.create_model(config.model, mesh, config.seed)
@@ -140,6 +132,21 @@ def train(config: TrainConfig, *, progress: bool | None = None, stop_after: int 
                     min(stop_after or config.steps, config.steps))
     checkpointer.close()
     return dataclasses.replace(run, data=builder)
+
+
+def _training_data(config: TrainConfig, local_batch: int):
+    """(the text dataset or None for a recall task, a checkpointable iterator of this process's batches)."""
+    if config.data.source in RECALL_SOURCES:
+        vocab_size = task_data.task_vocab_size(config.data, config.model.vocab_size)
+        return None, task_data.TaskBatches(config.data, vocab_size, local_batch, jax.process_index())
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    check_fits(tokenizer, config.model.vocab_size)
+    builder = prepare_data(config)
+    batches = pipeline.training_batches(
+        dataset.data_sources(builder)["train"], tokenizer, seq_len=config.data.seq_len, batch_size=local_batch,
+        seed=config.data.seed, shuffle_window=config.data.shuffle_window, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    return builder, pipeline.CheckpointableIterator(batches)
 
 
 def resume(checkpointer: checkpoint_lib.Checkpointer, config: TrainConfig, model, optimizer, data_iterator) -> int:
@@ -174,6 +181,10 @@ def _warn(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _rows_and_mask(batch) -> tuple[np.ndarray, np.ndarray | None]:
+    return batch if isinstance(batch, tuple) else (batch, None)
+
+
 def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, local_batch, progress, last) -> Run:
     is_main = jax.process_index() == 0
     accumulation = config.optimizer.accumulation_steps
@@ -191,12 +202,14 @@ def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, lo
     window_start, window_steps = None, 0
     with _StopOnSignal() as stop:
         for current in range(start + 1, last + 1):
-            local = next(data_iterator)
+            # Text batches are token rows; recall-task batches come with the mask of their labels.
+            local, local_mask = _rows_and_mask(next(data_iterator))
             check_token_ids(local, config.model.vocab_size, name=f"the training batch of step {current}")
-            local = local.reshape(accumulation, local_batch // accumulation, -1)
-            tokens = jax.make_array_from_process_local_data(sharding, local, global_shape)
+            tokens, mask = (None if rows is None else jax.make_array_from_process_local_data(
+                sharding, rows.reshape(accumulation, local_batch // accumulation, -1), global_shape)
+                for rows in (local, local_mask))
             inner_lr_scale = np.float32(inner_lr_scale_at(current - 1))
-            result = jax.device_get(step.train_step(model, optimizer, tokens, inner_lr_scale))
+            result = jax.device_get(step.train_step(model, optimizer, tokens, inner_lr_scale, mask))
             done = current
             if window_start is None:  # the first step includes compilation: time from its end
                 window_start = time.perf_counter()

@@ -38,8 +38,11 @@ def token_sharding(mesh: Mesh) -> NamedSharding:
 
 @nnx.jit(donate_argnums=(0, 1))
 def train_step(model: LM, optimizer: nnx.Optimizer, tokens: jax.Array,
-               inner_lr_scale: jax.Array | float = 1.0) -> dict[str, jax.Array]:
+               inner_lr_scale: jax.Array | float = 1.0, mask: jax.Array | None = None) -> dict[str, jax.Array]:
     """One optimizer update from `tokens` int32 [micro_batches, batch, seq + 1].
+
+    `mask` bool [micro_batches, batch, seq + 1] (aligned with tokens; recall tasks) restricts the
+    loss to the labelled targets; None scores every target (text).
 
     `inner_lr_scale` multiplies the TTT layers' inner learning rate (the inner-LR warmup); it is
     traced, so a new value each step does not recompile.
@@ -50,16 +53,17 @@ def train_step(model: LM, optimizer: nnx.Optimizer, tokens: jax.Array,
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss_of(params, micro_batch):
-        loss, _ = nnx.merge(graphdef, params, rest).loss(micro_batch, context=Context(inner_lr_scale=inner_lr_scale))
+    def loss_of(params, micro_batch, micro_mask):
+        loss, _ = nnx.merge(graphdef, params, rest).loss(micro_batch, micro_mask,
+                                                         context=Context(inner_lr_scale=inner_lr_scale))
         return loss
 
-    def accumulate(grad_sum, micro_batch):
-        loss, grads = jax.value_and_grad(loss_of)(params, micro_batch)
+    def accumulate(grad_sum, micro):
+        loss, grads = jax.value_and_grad(loss_of)(params, *micro)
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    grad_sum, losses = jax.lax.scan(accumulate, zeros, tokens)
+    grad_sum, losses = jax.lax.scan(accumulate, zeros, (tokens, mask))
     grads = jax.tree.map(lambda g, p: (g / tokens.shape[0]).astype(p.dtype), grad_sum, params)
     loss = losses.mean()
     grad_norm = optax.tree.norm(grads)
