@@ -41,7 +41,7 @@ import numpy as np
 
 # The tiny size every kind is built at. seq_len must equal the reference's max_sequence_length
 # (its TTT layer reshapes by it) and be a multiple of mini_batch_size * remat_mini_batch_group_size.
-TINY = dict(vocab_size=97, num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=96,
+TINY = dict(vocab_size=256, num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=96,
             max_sequence_length=64, mini_batch_size=8, remat_mini_batch_group_size=2)
 BATCH = 2
 # kind -> (reference preset, its overrides). The `-TTT` presets carry pre_conv=True; the reference
