@@ -38,6 +38,7 @@ from ttt.train import checkpoint as checkpoint_lib
 from ttt.train import dataset, memory_io, step
 from ttt.train import memory as memory_lib
 from ttt.train import mesh as mesh_lib
+from ttt.train.plots import save_line_plot
 from ttt.train.sources import open_source
 from ttt.train.tokenizers import load_tokenizer
 
@@ -158,11 +159,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
         axes.axhline(entry["second_half_initial"], color="gray", lw=0.8, ls=":")
     axes.set_xlabel("unrelated documents read after the first half")
     axes.set_ylabel("loss from the memory (nats/token)")
-    axes.set_title("interference (dotted: second half from the initial state)")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_line_plot(figure, axes, path, "interference (dotted: second half from the initial state)", legend_size=7)
 
 
 def main(argv=None):

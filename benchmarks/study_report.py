@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 
 from ttt import configs
 from ttt.train import long_documents, recall
+from ttt.train.plots import save_line_plot
 
 MQAR_PLOT = "study_mqar_curves.png"
 LONG_PLOT = "study_long_documents.png"
@@ -37,11 +38,7 @@ def _plot_curves(families: dict, path: str, target: float) -> str:
     axes.set_xlabel("training step")
     axes.set_ylabel("held-out MQAR accuracy")
     axes.set_ylim(-0.03, 1.03)
-    axes.set_title("MQAR learning curves (equal tokens per step)")
-    axes.grid(True, alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_line_plot(figure, axes, path, "MQAR learning curves (equal tokens per step)")
     return path
 
 

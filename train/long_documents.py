@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from matplotlib.figure import Figure
 
 from ttt.train import recall, sources, step
+from ttt.train.plots import save_line_plot
 
 REPORT = "long_documents.json"
 PLOT = "long_documents.png"
@@ -126,12 +127,7 @@ def plot_loss_by_position(reports: dict[str, dict], path: str, *, training_lengt
     axes.set_xscale("log", base=2)
     axes.set_xlabel("token position in the document")
     axes.set_ylabel("bits per byte")
-    axes.set_title(title)
-    axes.grid(True, alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return path
+    return save_line_plot(figure, axes, path, title)
 
 
 def write_long_document_reports(reports: dict[str, dict], directory: str, *, source: str,

@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from ttt.train import mesh as mesh_lib
 from ttt.train.tasks import TaskExamples
+from ttt.train.plots import save_line_plot
 
 REPORT = "recall.json"
 ACCURACY_PLOT = "recall_accuracy.png"
@@ -148,12 +149,7 @@ def plot_accuracy_by_length(reports: dict[str, dict], path: str, *, metric: str 
     axes.set_ylim(-0.03, 1.03)
     axes.set_xlabel("context length (tokens)")
     axes.set_ylabel(metric.replace("_", " "))
-    axes.set_title(title)
-    axes.grid(True, alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    return path
+    return save_line_plot(figure, axes, path, title)
 
 
 def plot_depth_heatmap(report: dict, path: str, *, metric: str = "exact_match", title: str = "") -> str:
