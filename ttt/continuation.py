@@ -22,11 +22,9 @@ Shapes (B batch, H heads, T tokens, d head_dim, b mini_batch_size), everything f
 import jax
 import jax.numpy as jnp
 
-from ttt import dual, mini_batch, primal
-from ttt.inner_models import LINEAR, MLP, InnerModel
+from ttt import mini_batch
+from ttt.inner_models import InnerModel
 from ttt.objective import inner_loss
-
-_DUAL_BODIES = {LINEAR.name: dual.make_linear_body, MLP.name: dual.make_mlp_body}
 
 
 def extend(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size, token_scale, form,
@@ -81,12 +79,8 @@ def whole_mini_batches(model: InnerModel, q, k, v, eta, params, num_real, ln_wei
     coeff = mini_batch.causal_coefficients(eta_mb, token_scale)
     whole = (jnp.arange(padded) + 1) * b <= num_real
     update = jnp.where(whole[:, None, None, None], token_scale[-1] * eta_mb, 0.0)
-    head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
-    if form == "dual":
-        xs, body = dual.prepare(q_mb, k_mb, v_mb, coeff, update), _DUAL_BODIES[model.name](*head_ln)
-    else:
-        xs, body = primal.prepare(q_mb, k_mb, v_mb, coeff, update), primal.make_body(model, ln_weight, ln_bias)
-    params, inner_out = mini_batch.remat_scan(body, params, xs, min(remat_group_size, padded))
+    params, inner_out = mini_batch.scan_form(model, form, params, q_mb, k_mb, v_mb, coeff, update, ln_weight,
+                                             ln_bias, min(remat_group_size, padded))
 
     partial = jnp.clip(jnp.asarray(num_real) // b, 0, padded - 1)
     grads = token_grads(model, params, k_mb[partial], v_mb[partial], ln_weight, ln_bias)

@@ -20,6 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ttt import dual, primal
+from ttt.inner_models import LINEAR, MLP, InnerModel
+
+_DUAL_BODIES = {LINEAR.name: dual.make_linear_body, MLP.name: dual.make_mlp_body}
+
 
 def num_mini_batches(seq_len: int, mini_batch_size: int, group_size: int) -> tuple[int, int]:
     """(mini-batches holding real tokens, mini-batches after padding to whole remat groups)."""
@@ -91,3 +96,22 @@ def remat_scan(body, carry, xs, group_size: int):
     # forward, so the barrier that prevent_cse adds would only cost speed.
     carry, ys = jax.lax.scan(jax.checkpoint(run_group, prevent_cse=False), carry, grouped)
     return carry, jax.tree.map(lambda y: y.reshape(num, *y.shape[2:]), ys)
+
+
+def scan_form(model: InnerModel, form: str, params, q, k, v, coeff, update, ln_weight, ln_bias, group_size: int):
+    """The dual or primal form's scan over split mini-batches, rematerialised in groups.
+
+    Args:
+      q, k, v: [num, batch, heads, b, d] (from `split`); coeff, update: from the coefficients.
+      ln_weight, ln_bias: [heads, d] or both None.
+      group_size: mini-batches per rematerialised group (`num` must be a multiple of it).
+    Returns:
+      (weights after the scan, g(q; theta_t) [num, batch, heads, b, d]).
+    """
+    if form == "dual":
+        # LN parameters shaped [heads, 1, d] to broadcast over [batch, heads, tokens, d].
+        head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
+        xs, body = dual.prepare(q, k, v, coeff, update), _DUAL_BODIES[model.name](*head_ln)
+    else:
+        xs, body = primal.prepare(q, k, v, coeff, update), primal.make_body(model, ln_weight, ln_bias)
+    return remat_scan(body, params, xs, group_size)

@@ -20,13 +20,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from ttt import continuation, dual, mini_batch, primal
+from ttt import continuation, mini_batch
 from ttt import step as step_form
 from ttt.inner_models import LINEAR, MLP, InnerModel
 from ttt.layer_norm import layer_norm
 
 Form = Literal["dual", "primal"]
-_DUAL_BODIES = {LINEAR.name: dual.make_linear_body, MLP.name: dual.make_mlp_body}
 
 
 def ttt_linear(q, k, v, eta, params, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
@@ -81,12 +80,7 @@ def ttt_mlp_extend(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: 
 
 def _extend(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, form,
             remat_group_size):
-    _check_positive("remat_group_size", remat_group_size)
-    if form not in ("dual", "primal"):
-        raise ValueError(f"form={form!r}; expected 'dual' or 'primal'")
-    _check_tokens(q, k, v, eta, ndim=4)
-    if q.shape[2] < 1:
-        raise ValueError(f"q has seq length 0 (shape {q.shape}); expected at least one token")
+    _check_sequence(q, k, v, eta, form, remat_group_size)
     batch, heads, _, head_dim = q.shape
     ln_weight, ln_bias, token_scale, state = _check_state(model, state, batch, heads, head_dim, ln_weight, ln_bias,
                                                           mini_batch_size, token_scale)
@@ -94,22 +88,16 @@ def _extend(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_bat
     inner_out, state = continuation.extend(model, q32, k32, v32, eta32, state, ln_weight, ln_bias,
                                            mini_batch_size=mini_batch_size, token_scale=token_scale, form=form,
                                            remat_group_size=remat_group_size)
-    head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
-    return (q32 + layer_norm(inner_out, *head_ln)).astype(q.dtype), state
+    return _layer_output(q, q32, inner_out, ln_weight, ln_bias), state
 
 
 def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size):
     _check_positive("mini_batch_size", mini_batch_size)
-    _check_positive("remat_group_size", remat_group_size)
-    if form not in ("dual", "primal"):
-        raise ValueError(f"form={form!r}; expected 'dual' or 'primal'")
-    _check_tokens(q, k, v, eta, ndim=4)
+    _check_sequence(q, k, v, eta, form, remat_group_size)
     batch, heads, seq_len, head_dim = q.shape
     _check_params(model, params, batch, heads, head_dim)
     ln_weight, ln_bias = _layer_norm_params(ln_weight, ln_bias, heads, head_dim)
     token_scale = _token_scale(token_scale, mini_batch_size)
-    if seq_len < 1:
-        raise ValueError(f"q has seq length 0 (shape {q.shape}); expected at least one token")
 
     q32, k32, v32, eta32 = (jnp.asarray(x, jnp.float32) for x in (q, k, v, eta))
     params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
@@ -117,19 +105,15 @@ def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_
     q_mb, k_mb, v_mb = (mini_batch.split(x, mini_batch_size, padded) for x in (q32, k32, v32))
     coeff, update = mini_batch.coefficients(mini_batch.split(eta32, mini_batch_size, padded), token_scale, seq_len)
 
-    # LN parameters shaped [heads, 1, d] to broadcast over [batch, heads, tokens, d].
-    head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
-    if form == "dual":
-        xs = dual.prepare(q_mb, k_mb, v_mb, coeff, update)
-        body = _DUAL_BODIES[model.name](*head_ln)
-    else:
-        xs = primal.prepare(q_mb, k_mb, v_mb, coeff, update)
-        body = primal.make_body(model, ln_weight, ln_bias)
-    final_params, inner_out = mini_batch.remat_scan(body, params, xs, min(remat_group_size, real))
+    final_params, inner_out = mini_batch.scan_form(model, form, params, q_mb, k_mb, v_mb, coeff, update, ln_weight,
+                                                   ln_bias, min(remat_group_size, real))
+    return _layer_output(q, q32, mini_batch.merge(inner_out, seq_len), ln_weight, ln_bias), final_params
 
-    inner_out = mini_batch.merge(inner_out, seq_len)
-    z = q32 + layer_norm(inner_out, *head_ln)
-    return z.astype(q.dtype), final_params
+
+def _layer_output(q, q32, inner_out, ln_weight, ln_bias):
+    """z = q + LN(g(q)) in q's dtype; LN parameters [heads, d] broadcast over [batch, heads, tokens, d]."""
+    head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
+    return (q32 + layer_norm(inner_out, *head_ln)).astype(q.dtype)
 
 
 def _step(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale):
@@ -156,6 +140,16 @@ def _check_state(model: InnerModel, state, batch, heads, head_dim, ln_weight, ln
                                                                    "grad_sum": state["grad_sum"]}),
              "position": state["position"]}
     return ln_weight, ln_bias, _token_scale(token_scale, mini_batch_size), state
+
+
+def _check_sequence(q, k, v, eta, form, remat_group_size):
+    """The checks shared by the sequence and extend functions: tokens [B, H, T >= 1, d], form, group size."""
+    _check_positive("remat_group_size", remat_group_size)
+    if form not in ("dual", "primal"):
+        raise ValueError(f"form={form!r}; expected 'dual' or 'primal'")
+    _check_tokens(q, k, v, eta, ndim=4)
+    if q.shape[2] < 1:
+        raise ValueError(f"q has seq length 0 (shape {q.shape}); expected at least one token")
 
 
 def _check_positive(name, value):
