@@ -70,10 +70,7 @@ class LM(nnx.Module):
             if context.targets is None:  # each position predicts the next id; the last one's is unknown
                 context = dataclasses.replace(context, targets=jnp.pad(ids[:, 1:], ((0, 0), (0, 1)), constant_values=-1))
             return self._read_e2e(ids, context)[0]
-        x = self._embed(ids)
-        for stage in self.stages:
-            x, _ = stages_lib.run_stage(stage, x, None, context, keep_state=False, remat_policy=self._remat_policy())
-        return self.final_norm(x)
+        return self.final_norm(self._run_from_start(ids, self.stages, context))
 
     def __call__(self, ids: jax.Array, context: Context = DEFAULT) -> jax.Array:
         """ids: int32 [batch, seq] -> logits [batch, seq, vocab] in the compute dtype."""
@@ -166,10 +163,15 @@ class LM(nnx.Module):
         """TTT-E2E from the initial state: ids [batch, seq], `context.targets` [batch, seq] ->
         (final-normed hidden states [batch, seq, embed], float32 [batch, seq] next-token losses, the
         suffix's reading state after the last chunk's step; see `e2e.read_suffix`)."""
+        return e2e.read_suffix(self, self._run_from_start(ids, self.stages[:self.suffix_start], context), context)
+
+    def _run_from_start(self, ids: jax.Array, stages, context: Context) -> jax.Array:
+        """ids [batch, seq] embedded and run through `stages` from the initial state, keeping no state, each
+        scanned group rematerialised as `config.remat` says -> [batch, seq, embed] (before the final norm)."""
         x = self._embed(ids)
-        for stage in self.stages[:self.suffix_start]:
+        for stage in stages:
             x, _ = stages_lib.run_stage(stage, x, None, context, keep_state=False, remat_policy=self._remat_policy())
-        return e2e.read_suffix(self, x, context)
+        return x
 
     def unembedding(self) -> jax.Array:
         """[embed, vocab] matrix mapping final hidden states to logits."""
