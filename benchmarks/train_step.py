@@ -6,7 +6,8 @@ warm up and `--repeats` more times; it reports the median step time, tokens per 
 relative to the Transformer of the same length, and the process's peak resident memory (each
 configuration has a process of its own, so the peak is its own). Every model uses the same
 rematerialisation (`--remat`, default full: one scanned group's activations at a time), so that
-full attention at 8K fits in memory.
+full attention at 8K fits in memory. The children run with benchmarks/xla_cpu.py's setting unless
+`--no-xla-cpu-reduce-workaround`.
 
   python benchmarks/train_step.py                                  # 125M presets at 2K and 8K
   python benchmarks/train_step.py --seqs 2048 --repeats 2 --out /tmp/train_step.json
@@ -21,6 +22,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from xla_cpu import with_reduce_workaround
 
 PRESETS = ("transformer-125m", "ttt-linear-125m", "ttt-mlp-125m", "hybrid-swa-ttt-125m")
 BASELINE = "transformer-125m"
@@ -58,10 +61,11 @@ def measure(preset: str, seq: int, repeats: int, remat: str) -> dict:
             "compile_and_first_s": compile_and_first, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def run_child(preset: str, seq: int, repeats: int, remat: str) -> dict:
+def run_child(preset: str, seq: int, repeats: int, remat: str, workaround: bool) -> dict:
     """`measure` in a fresh process (its own peak memory); a failure (e.g. out of memory) is a row too."""
     command = [sys.executable, __file__, "--child", preset, str(seq), str(repeats), remat]
-    done = subprocess.run(command, capture_output=True, text=True)
+    environment = with_reduce_workaround(dict(os.environ)) if workaround else None
+    done = subprocess.run(command, capture_output=True, text=True, env=environment)
     if done.returncode:
         return {"preset": preset, "seq": seq, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -88,6 +92,7 @@ def main(argv=None):
     parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--remat", default="full", help="rematerialisation of every model (ModelConfig.remat)")
+    parser.add_argument("--xla-cpu-reduce-workaround", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args(argv)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; float32, batch 1, "
@@ -95,7 +100,7 @@ def main(argv=None):
     rows = []
     for seq in args.seqs:
         for preset in args.presets:
-            rows.append(run_child(preset, seq, args.repeats, args.remat))
+            rows.append(run_child(preset, seq, args.repeats, args.remat, args.xla_cpu_reduce_workaround))
             print(f"  {preset} at {seq}: {rows[-1].get('step_s', rows[-1].get('error'))}", flush=True)
     print_table(rows)
     result = {"rows": rows, "args": vars(args), "cpu_count": os.cpu_count(), "load_average_after": os.getloadavg()}

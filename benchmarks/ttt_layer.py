@@ -12,6 +12,8 @@ runs after one compiling run.
   python benchmarks/ttt_layer.py                      # seq 512..8192, prints a table, writes JSON
   python benchmarks/ttt_layer.py --seqs 512 1024 --repeats 3 --out /tmp/quick.json
   python benchmarks/ttt_layer.py --seqs 4096 --mini-batches 16 64 256 1024   # the mini-batch sweep
+
+It applies benchmarks/xla_cpu.py's setting (batch 1) unless `--no-xla-cpu-reduce-workaround`.
 """
 
 import argparse
@@ -29,6 +31,7 @@ from flax import nnx
 import ttt
 from ttt import ops
 from ttt.configs import TTTLayerConfig
+from xla_cpu import with_reduce_workaround
 
 HIDDEN, HEADS, MINI_BATCH = 768, 12, 16
 HEAD_DIM = HIDDEN // HEADS
@@ -193,8 +196,11 @@ def main():
     parser.add_argument("--primal-max-seq", type=int, default=1024, help="skip the (slow) primal form above this length")
     parser.add_argument("--mini-batches", type=int, nargs="*", default=[16, 64, 256, 1024],
                         help="mini-batch sizes b of the dual-form sweep (at the longest --seqs); none to skip it")
+    parser.add_argument("--xla-cpu-reduce-workaround", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="benchmarks/results/ttt_layer.json")
     args = parser.parse_args()
+    if args.xla_cpu_reduce_workaround:
+        with_reduce_workaround()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores)")
     result = run(args.seqs, args.repeats, args.primal_max_seq)

@@ -1,0 +1,154 @@
+"""`ttt.TTTLayer` against the paper's own layer (test-time-training/ttt-lm-jax), side by side in one process.
+
+Both layers at the shapes of the paper's 125M models: hidden 768, 12 heads, mini-batch 16, remat group
+4, Mamba backbone, float32, batch 1. Forward, and forward+backward (the gradient of sum(output) with
+respect to the parameters and the input). Medians of --repeats runs; the two implementations
+alternate inside every repetition, so the machine's load hits both alike, and the ratio of the
+medians is the number to read.
+
+The reference layer is loaded from its file, unmodified, with two harness-side shims (as in
+benchmarks/reference_check.py): its `ttt.infra.jax_utils` (which imports torch and wandb) is replaced
+by the two helpers the layer uses, and `jnp.clip` accepts the `a_min`/`a_max` keywords jax 0.10 removed.
+It needs only jax and flax, so it runs in this project's environment.
+
+`--xla-cpu-reduce-workaround` (default on) applies benchmarks/xla_cpu.py's setting, to both layers alike.
+
+  python benchmarks/reference_speed.py --reference-repo /path/ttt-lm-jax --seqs 2048 4096 8192
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+
+from xla_cpu import with_reduce_workaround
+
+HIDDEN, HEADS, MINI_BATCH, REMAT_GROUP = 768, 12, 16, 4
+BASE_LR = {"linear": 1.0, "mlp": 0.1}
+
+
+def load_reference_layer(repo: str):
+    """The reference's `ttt/models/ttt_layer.py` as a module, beside this project's `ttt` package."""
+    import jax
+    import jax.numpy as jnp
+
+    # The reference layer imports only `ttt.infra.jax_utils` from its own package (also named `ttt`).
+    utils = types.ModuleType("ttt.infra.jax_utils")
+    utils.with_sharding_constraint = lambda x, partition_specs: x  # no mesh is active here
+    utils.get_gradient_checkpoint_policy = lambda name: getattr(jax.checkpoint_policies, name)
+    sys.modules.setdefault("ttt.infra", types.ModuleType("ttt.infra"))
+    sys.modules["ttt.infra.jax_utils"] = utils
+    clip = jnp.clip
+    jnp.clip = lambda a, min=None, max=None, *, a_min=None, a_max=None: clip(
+        a, min if a_min is None else a_min, max if a_max is None else a_max)
+    spec = importlib.util.spec_from_file_location("reference_ttt_layer", os.path.join(repo, "ttt/models/ttt_layer.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_functions(reference, inner: str, seq: int):
+    import jax
+    import jax.numpy as jnp
+
+    config = types.SimpleNamespace(
+        hidden_size=HIDDEN, num_attention_heads=HEADS, mini_batch_size=MINI_BATCH, max_sequence_length=seq,
+        rope_theta=10000.0, initializer_range=0.02, ttt_base_lr=BASE_LR[inner],
+        remat_mini_batch_group_size=REMAT_GROUP, remat_conv="", conv_width=4, output_ttt_stats=False)
+    layer = (reference.TTTLinear if inner == "linear" else reference.TTTMLP)(config=config)
+    x = jax.random.normal(jax.random.key(0), (1, seq, HIDDEN), jnp.float32)
+    positions = jnp.arange(seq)[None]
+    params = layer.init(jax.random.key(1), x, None, positions)
+    apply = lambda p, x: layer.apply(p, x, None, positions)[0]
+    return _forward_and_backward(apply), (params, x)
+
+
+def project_functions(inner: str, seq: int):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    import ttt
+    from ttt.configs import TTTLayerConfig
+
+    config = TTTLayerConfig(hidden_size=HIDDEN, num_heads=HEADS, inner=inner, mini_batch_size=MINI_BATCH,
+                            backbone="mamba", base_lr=BASE_LR[inner], remat_group_size=REMAT_GROUP)
+    graphdef, params = nnx.split(ttt.TTTLayer(config, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(0), (1, seq, HIDDEN), jnp.float32)
+    return _forward_and_backward(lambda p, x: nnx.merge(graphdef, p)(x)), (params, x)
+
+
+def _forward_and_backward(apply):
+    import jax
+    import jax.numpy as jnp
+
+    loss = lambda p, x: jnp.sum(apply(p, x))
+    return {"forward": jax.jit(apply), "forward+backward": jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))}
+
+
+def interleaved_medians(calls: dict, repeats: int) -> dict:
+    """{name: (fn, args)} -> {name: median seconds}, the calls alternating in every repetition."""
+    import jax
+
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))  # compile
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference-repo", required=True, help="a checkout of test-time-training/ttt-lm-jax")
+    parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 4096, 8192])
+    parser.add_argument("--inner", nargs="+", default=["linear", "mlp"], choices=["linear", "mlp"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--xla-cpu-reduce-workaround", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", default="benchmarks/results/reference_speed.json")
+    args = parser.parse_args(argv)
+    for seq in args.seqs:
+        if seq % (MINI_BATCH * REMAT_GROUP):
+            parser.error(f"--seqs {seq}: the reference layer needs multiples of {MINI_BATCH * REMAT_GROUP}")
+    if not os.path.isfile(os.path.join(args.reference_repo, "ttt/models/ttt_layer.py")):
+        parser.error(f"--reference-repo {args.reference_repo} has no ttt/models/ttt_layer.py")
+    if args.xla_cpu_reduce_workaround:
+        with_reduce_workaround()
+    import jax
+
+    reference = load_reference_layer(args.reference_repo)
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"{'seq':>6} {'inner':6} {'pass':17} {'reference ms':>13} {'ttt ms':>9} {'speed-up':>9}")
+    rows = []
+    for seq in args.seqs:
+        for inner in args.inner:
+            ours, our_args = project_functions(inner, seq)
+            theirs, their_args = reference_functions(reference, inner, seq)
+            for mode in ours:
+                medians = interleaved_medians({"reference": (theirs[mode], their_args),
+                                               "ttt": (ours[mode], our_args)}, args.repeats)
+                row = dict(seq=seq, inner=inner, mode=mode, reference_s=medians["reference"], ttt_s=medians["ttt"],
+                           speedup=medians["reference"] / medians["ttt"])
+                rows.append(row)
+                print(f"{seq:6d} {inner:6} {mode:17} {row['reference_s'] * 1e3:13.1f} {row['ttt_s'] * 1e3:9.1f} "
+                      f"{row['speedup']:8.2f}x", flush=True)
+    print(f"smallest speed-up: {min(r['speedup'] for r in rows):.2f}x")
+    result = dict(rows=rows, jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(),
+                  load_average_end=os.getloadavg(), xla_flags=os.environ.get("XLA_FLAGS", ""), args=vars(args))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
