@@ -207,8 +207,9 @@ def write(results: dict, directory: str) -> list[str]:
     lines += ["## Not measured yet", "",
               "- TTT-E2E (Tandon et al. 2025): joins the study when its tiny preset lands.",
               "- Sun et al. 2024 Table 1 ladder (linear attention -> batch GD with W0 = 0 -> learnable W0 -> LN "
-              "and residual in f -> mini-batch TTT -> learnable inner LR -> Mamba backbone): the TTT layer's "
-              "config has no switches yet to turn these off one by one.", ""]
+              "and residual in f -> mini-batch TTT -> learnable inner LR -> Mamba backbone): the switches exist "
+              "(`--model.ttt.inner-norm`, `learn-initial-weights`, `learn-inner-lr`, `learn-token-scale`, "
+              "`mini-batch-size`, `backbone`; configs/ttt.py), the rungs have not been trained yet.", ""]
     path = os.path.join(directory, "RESULTS.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
