@@ -10,6 +10,7 @@ import os
 from matplotlib.figure import Figure
 
 from ttt import configs
+from ttt.configs.model import from_json as model_from_json
 from ttt.train import long_documents, recall
 from ttt.train.plots import save_line_plot
 
@@ -22,10 +23,23 @@ SOLVED = 0.9  # "solves" a recall task: held-out accuracy at least this
 
 
 def model_flags(config: dict) -> str:
-    """The `--model.*` overrides of `BASE_PRESET` that give `config` (a ModelConfig as a dict)."""
-    base = dataclasses.asdict(configs.get(BASE_PRESET))
-    return " ".join(f"--model.{name.replace('_', '-')}={value}" for name, value in config.items()
-                    if name != "stages" and value != base[name])
+    """The `--model.*` overrides of `BASE_PRESET` that give `config` (a ModelConfig as a dict, also one
+    saved with the flat field names of older versions)."""
+    config = dataclasses.asdict(model_from_json(config))
+    return " ".join(_changed_flags(config, dataclasses.asdict(configs.get(BASE_PRESET)), "model."))
+
+
+def _changed_flags(config: dict, base: dict, prefix: str) -> list[str]:
+    """`--PREFIX.name=value` of every field of `config` that differs from `base`, nested configs by their fields."""
+    flags = []
+    for name, value in config.items():
+        if name == "stages" or value == base[name]:
+            continue
+        if isinstance(value, dict) and isinstance(base[name], dict):
+            flags += _changed_flags(value, base[name], f"{prefix}{name}.")
+        else:
+            flags.append(f"--{prefix}{name.replace('_', '-')}={value}")
+    return flags
 
 
 def _plot_curves(families: dict, path: str, target: float) -> str:
@@ -193,8 +207,9 @@ def write(results: dict, directory: str) -> list[str]:
     lines += ["## Not measured yet", "",
               "- TTT-E2E (Tandon et al. 2025): joins the study when its tiny preset lands.",
               "- Sun et al. 2024 Table 1 ladder (linear attention -> batch GD with W0 = 0 -> learnable W0 -> LN "
-              "and residual in f -> mini-batch TTT -> learnable inner LR -> Mamba backbone): the TTT layer's "
-              "config has no switches yet to turn these off one by one.", ""]
+              "and residual in f -> mini-batch TTT -> learnable inner LR -> Mamba backbone): the switches exist "
+              "(`--model.ttt.inner-norm`, `learn-initial-weights`, `learn-inner-lr`, `learn-token-scale`, "
+              "`mini-batch-size`, `backbone`; configs/ttt.py), the rungs have not been trained yet.", ""]
     path = os.path.join(directory, "RESULTS.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))

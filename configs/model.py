@@ -1,15 +1,14 @@
 """Configuration of a language model (`ttt.models.LM`): sizes, the per-layer mixer pattern, dtypes."""
 
 import dataclasses
-import re
 from typing import Literal
 
+from ttt.configs.e2e import E2EConfig
+from ttt.configs.ttt import TTTConfig
 from ttt.configs.ttt_layer import TTTLayerConfig
 
 MIXERS = ("attention", "swa", "ttt_linear", "ttt_mlp")
 TTT_MIXERS = {"ttt_linear": "linear", "ttt_mlp": "mlp"}
-# Inner learning-rate scales of Sun et al. 2024 (TTT-Linear 1.0, TTT-MLP 0.1).
-DEFAULT_TTT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable", "dots_with_no_batch_dims_saveable")
 # Compute and parameter dtypes the model is built and tested with.
 SUPPORTED_DTYPES = ("float32", "bfloat16")
@@ -63,31 +62,19 @@ class ModelConfig:
       max_seq_len: length of the preallocated KV cache of full-attention layers (the most tokens a
         model with `attention` layers can decode); TTT and `swa` layers have no such limit.
       tie_embeddings: logits use the transposed input embedding instead of a separate head.
-      mini_batch_size: TTT mini-batch size b.
-      backbone: TTT layer backbone, `"mamba"` (convolution + output gate) or `"transformer"`.
-      ttt_linear_base_lr: inner learning-rate scale of TTT-Linear layers.
-      ttt_mlp_base_lr: inner learning-rate scale of TTT-MLP layers.
-      ttt_form: how TTT layers compute full sequences, `"dual"` or `"primal"`.
-      ttt_remat_group_size: TTT mini-batches per rematerialised group in the inner scan.
-      conv_kernel: width of the causal convolution of the mamba backbone.
+      ttt: the TTT layers (mini-batch size, backbone, inner learning rates, ablation switches;
+        configs/ttt.py).
       rope_theta: RoPE base of attention (and of the TTT layers).
       rope_pairing: features RoPE rotates together, `"half"` (i, i + d/2) or `"interleaved"`
         (2i, 2i + 1, as the reference code of Sun et al. 2024 does; for converted checkpoints).
       pre_conv: every block starts with `x + conv(RMSNorm(x))`, a causal depthwise convolution of
-        width `conv_kernel` with bias (the "Mamba backbone" blocks of Sun et al. 2024's configs).
+        width `ttt.conv_kernel` with bias (the "Mamba backbone" blocks of Sun et al. 2024's configs).
       qk_norm: RMSNorm over head_dim on attention queries and keys.
       post_norm: an RMSNorm also on the output of every mixer and MLP before it joins the residual
         (the "sandwich" blocks of the TTT-E2E configs, which set both pre- and post-norms).
-      e2e_chunk_size: TTT-E2E (Tandon et al. 2025) when set: the stages from the first one holding a
-        fast parameter (the suffix) read the sequence in chunks of this many tokens, scoring each
-        chunk with the current fast weights and then taking one inner step on its next-token loss;
-        None: an ordinary model.
-      e2e_inner_lr: learning rate of the inner SGD step (times `Context.inner_lr_scale`).
-      e2e_inner_clip: global-norm clipping of each sequence's inner gradient (0: none).
-      e2e_fast_params: regular expression searched in every parameter path ("/"-joined, e.g.
-        "stages/1/blocks/0/prime_mlp/gate/kernel"); the matches are the fast weights.
-      e2e_remat: rematerialise each chunk's inner step in the backward pass (memory linear in the
-        number of chunks, one more forward per chunk).
+      e2e: TTT-E2E (Tandon et al. 2025, configs/e2e.py) when set: the stages from the first one
+        holding a fast parameter read the sequence in chunks, one inner step each; None: an
+        ordinary model.
       norm_eps: epsilon of every RMSNorm.
       init_std: standard deviation of the normal initialiser of embeddings and projections.
       loss_chunk_size: sequence positions per chunk of the float32 cross-entropy in `LM.loss`.
@@ -108,23 +95,13 @@ class ModelConfig:
     sliding_window: int | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = True
-    mini_batch_size: int = 16
-    backbone: Literal["mamba", "transformer"] = "mamba"
-    ttt_linear_base_lr: float = DEFAULT_TTT_BASE_LR["linear"]
-    ttt_mlp_base_lr: float = DEFAULT_TTT_BASE_LR["mlp"]
-    ttt_form: Literal["dual", "primal"] = "dual"
-    ttt_remat_group_size: int = 4
-    conv_kernel: int = 4
+    ttt: TTTConfig = TTTConfig()
     rope_theta: float = 10000.0
     rope_pairing: Literal["half", "interleaved"] = "half"
     pre_conv: bool = False
     qk_norm: bool = False
     post_norm: bool = False
-    e2e_chunk_size: int | None = None
-    e2e_inner_lr: float = 1.0
-    e2e_inner_clip: float = 1.0
-    e2e_fast_params: str = "(^|/)prime_mlp/"
-    e2e_remat: bool = True
+    e2e: E2EConfig | None = None
     norm_eps: float = 1e-6
     init_std: float = 0.02
     loss_chunk_size: int = 1024
@@ -133,11 +110,15 @@ class ModelConfig:
     remat: bool | str = False
 
     def __post_init__(self):
-        # Stages read back from JSON (a checkpoint's config) arrive as lists of dicts.
+        # Nested configs read back from JSON (a checkpoint's config) arrive as dicts.
         object.__setattr__(self, "stages", tuple(s if isinstance(s, StageConfig) else StageConfig(**s)
                                                  for s in self.stages))
+        if isinstance(self.ttt, dict):
+            object.__setattr__(self, "ttt", TTTConfig(**self.ttt))
+        if isinstance(self.e2e, dict):
+            object.__setattr__(self, "e2e", E2EConfig(**self.e2e))
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "mlp_hidden_size",
-                     "max_seq_len", "mini_batch_size", "loss_chunk_size"):
+                     "max_seq_len", "loss_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}; expected >= 1")
         if self.hidden_size % self.num_heads:
@@ -160,8 +141,6 @@ class ModelConfig:
         if "swa" in self.mixers and (self.sliding_window is None or self.sliding_window < 1):
             raise ValueError(f"sliding_window={self.sliding_window} with layer_pattern={self.layer_pattern!r}; "
                              "a positive window is required for 'swa' layers")
-        if self.backbone not in ("mamba", "transformer"):
-            raise ValueError(f"backbone={self.backbone!r}; expected 'mamba' or 'transformer'")
         if self.rope_pairing not in ("half", "interleaved"):
             raise ValueError(f"rope_pairing={self.rope_pairing!r}; expected 'half' or 'interleaved'")
         for name in ("dtype", "param_dtype"):
@@ -169,23 +148,11 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {SUPPORTED_DTYPES}")
         if self.remat_policy_name not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected a bool or one of {REMAT_POLICIES}")
-        if self.e2e_chunk_size is not None:
-            self._check_e2e()
-
-    def _check_e2e(self) -> None:
-        if self.e2e_chunk_size < 1:
-            raise ValueError(f"e2e_chunk_size={self.e2e_chunk_size}; expected >= 1 (or None: no TTT-E2E)")
-        # A chunk is scored before its own inner step, so each of its tokens must still see the whole
-        # chunk before it through attention (Tandon et al. 2025 require window >= chunk).
-        if "swa" in self.mixers and self.sliding_window < self.e2e_chunk_size:
-            raise ValueError(f"sliding_window={self.sliding_window} is smaller than e2e_chunk_size="
-                             f"{self.e2e_chunk_size}; TTT-E2E needs a window of at least one chunk")
-        if self.e2e_inner_lr < 0 or self.e2e_inner_clip < 0:
-            raise ValueError(f"e2e_inner_lr={self.e2e_inner_lr}, e2e_inner_clip={self.e2e_inner_clip}; expected >= 0")
-        try:
-            re.compile(self.e2e_fast_params)
-        except re.error as error:
-            raise ValueError(f"e2e_fast_params={self.e2e_fast_params!r} is not a regular expression ({error})") from None
+        # A TTT-E2E chunk is scored before its own inner step, so each of its tokens must still see the
+        # whole chunk before it through attention (Tandon et al. 2025 require window >= chunk).
+        if self.e2e is not None and "swa" in self.mixers and self.sliding_window < self.e2e.chunk_size:
+            raise ValueError(f"sliding_window={self.sliding_window} is smaller than e2e.chunk_size="
+                             f"{self.e2e.chunk_size}; TTT-E2E needs a window of at least one chunk")
 
     @property
     def head_dim(self) -> int:
@@ -223,21 +190,47 @@ class ModelConfig:
         """The `TTTLayerConfig` of a `ttt_linear` or `ttt_mlp` layer of this model."""
         if mixer not in TTT_MIXERS:
             raise ValueError(f"mixer={mixer!r} is not a TTT mixer; expected one of {tuple(TTT_MIXERS)}")
-        inner = TTT_MIXERS[mixer]
+        inner, ttt = TTT_MIXERS[mixer], self.ttt
         return TTTLayerConfig(
             hidden_size=self.hidden_size,
             num_heads=self.num_heads,
             inner=inner,
-            mini_batch_size=self.mini_batch_size,
-            backbone=self.backbone,
-            base_lr=self.ttt_linear_base_lr if inner == "linear" else self.ttt_mlp_base_lr,
-            conv_kernel=self.conv_kernel,
+            mini_batch_size=ttt.mini_batch_size,
+            backbone=ttt.backbone,
+            base_lr=ttt.base_lr(inner),
+            conv_kernel=ttt.conv_kernel,
             rope_theta=self.rope_theta,
             rope_pairing=self.rope_pairing,
-            form=self.ttt_form,
-            remat_group_size=self.ttt_remat_group_size,
+            form=ttt.form,
+            remat_group_size=ttt.remat_group_size,
+            inner_norm=ttt.inner_norm,
+            learn_initial_weights=ttt.learn_initial_weights,
+            learn_inner_lr=ttt.learn_inner_lr,
+            learn_token_scale=ttt.learn_token_scale,
             init_std=self.init_std,
             norm_eps=self.norm_eps,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
+
+
+# Flat fields of configs saved before the TTT and TTT-E2E settings were nested: old name -> new name
+# inside `ttt` / `e2e`.
+LEGACY_TTT_FIELDS = {"mini_batch_size": "mini_batch_size", "backbone": "backbone",
+                     "ttt_linear_base_lr": "linear_base_lr", "ttt_mlp_base_lr": "mlp_base_lr", "ttt_form": "form",
+                     "ttt_remat_group_size": "remat_group_size", "conv_kernel": "conv_kernel"}
+LEGACY_E2E_FIELDS = {"e2e_chunk_size": "chunk_size", "e2e_inner_lr": "inner_lr", "e2e_inner_clip": "inner_clip",
+                     "e2e_fast_params": "fast_params", "e2e_remat": "remat"}
+
+
+def from_json(data: dict) -> ModelConfig:
+    """The ModelConfig of its JSON form (`dataclasses.asdict`), also when saved with the old flat field
+    names (`LEGACY_TTT_FIELDS`, `LEGACY_E2E_FIELDS`; `e2e_chunk_size=None` means no TTT-E2E)."""
+    data = dict(data)
+    legacy_ttt = {new: data.pop(old) for old, new in LEGACY_TTT_FIELDS.items() if old in data}
+    legacy_e2e = {new: data.pop(old) for old, new in LEGACY_E2E_FIELDS.items() if old in data}
+    if legacy_ttt:
+        data["ttt"] = {**data.get("ttt", {}), **legacy_ttt}
+    if legacy_e2e.get("chunk_size") is not None:
+        data["e2e"] = legacy_e2e
+    return ModelConfig(**data)

@@ -8,7 +8,9 @@ width, vocabulary, tied embeddings) and the parameter counts are whatever those 
 
 import dataclasses
 
+from ttt.configs.e2e import E2EConfig
 from ttt.configs.model import ModelConfig, StageConfig
+from ttt.configs.ttt import TTTConfig
 
 # name -> (num_layers, hidden_size, num_heads, mlp_hidden_size), as in the paper's model table.
 PAPER_SIZES = {
@@ -22,19 +24,22 @@ PAPER_SIZES = {
 HYBRID_PATTERN = "ttt_linear,swa"
 HYBRID_WINDOW = 512
 TINY_WINDOW = 64
+# The TTT layers of the paper's configurations: mini-batch 16, Mamba backbone (or the Transformer one).
+PAPER_TTT = TTTConfig(mini_batch_size=16, backbone="mamba")
+TRANSFORMER_BACKBONE_TTT = dataclasses.replace(PAPER_TTT, backbone="transformer")
 # Families: name prefix -> fields shared by all sizes.
 # The TTT families are the paper's `-TTT` configurations (ttt-lm-jax CONFIGS): every block starts
 # with the residual pre-convolution, whichever the TTT layer's backbone.
 FAMILIES = {
     "transformer": dict(layer_pattern="attention"),
-    "ttt-linear": dict(layer_pattern="ttt_linear", backbone="mamba", pre_conv=True),
-    "ttt-mlp": dict(layer_pattern="ttt_mlp", backbone="mamba", pre_conv=True),
-    "ttt-linear-transformer-backbone": dict(layer_pattern="ttt_linear", backbone="transformer", pre_conv=True),
-    "ttt-mlp-transformer-backbone": dict(layer_pattern="ttt_mlp", backbone="transformer", pre_conv=True),
-    "hybrid-swa-ttt": dict(layer_pattern=HYBRID_PATTERN, sliding_window=HYBRID_WINDOW, backbone="mamba"),
+    "ttt-linear": dict(layer_pattern="ttt_linear", ttt=PAPER_TTT, pre_conv=True),
+    "ttt-mlp": dict(layer_pattern="ttt_mlp", ttt=PAPER_TTT, pre_conv=True),
+    "ttt-linear-transformer-backbone": dict(layer_pattern="ttt_linear", ttt=TRANSFORMER_BACKBONE_TTT, pre_conv=True),
+    "ttt-mlp-transformer-backbone": dict(layer_pattern="ttt_mlp", ttt=TRANSFORMER_BACKBONE_TTT, pre_conv=True),
+    "hybrid-swa-ttt": dict(layer_pattern=HYBRID_PATTERN, sliding_window=HYBRID_WINDOW, ttt=PAPER_TTT),
 }
 TINY = dict(vocab_size=256, num_layers=4, hidden_size=128, num_heads=4, mlp_hidden_size=384,
-            max_seq_len=2048, mini_batch_size=16)
+            max_seq_len=2048, ttt=PAPER_TTT)
 TINY_FAMILIES = {
     "transformer-tiny": dict(layer_pattern="attention"),
     "ttt-linear-tiny": dict(layer_pattern="ttt_linear", pre_conv=True),
@@ -77,7 +82,7 @@ def _e2e_family(suffix: str, common: dict, num_layers: int, mlp: int, shrunk_mlp
     """`e2e-SUFFIX` and its baselines of the same shapes, `e2e-swa-SUFFIX` and `e2e-fa-SUFFIX`."""
     return {
         f"e2e-{suffix}": ModelConfig(**common, num_layers=num_layers, mlp_hidden_size=shrunk_mlp,
-                                     stages=e2e_stages(num_layers, fast_blocks), e2e_chunk_size=chunk),
+                                     stages=e2e_stages(num_layers, fast_blocks), e2e=E2EConfig(chunk_size=chunk)),
         f"e2e-swa-{suffix}": ModelConfig(**common, num_layers=num_layers, mlp_hidden_size=mlp, layer_pattern="swa"),
         f"e2e-fa-{suffix}": ModelConfig(**common, num_layers=num_layers, mlp_hidden_size=mlp,
                                         layer_pattern="attention"),
@@ -88,7 +93,7 @@ def _paper_preset(family: str, size: str) -> ModelConfig:
     num_layers, hidden_size, num_heads, mlp_hidden_size = PAPER_SIZES[size]
     return ModelConfig(vocab_size=32000, num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
                        mlp_hidden_size=mlp_hidden_size, max_seq_len=2048, tie_embeddings=True,
-                       mini_batch_size=16, **FAMILIES[family])
+                       **FAMILIES[family])
 
 
 def _all_presets() -> dict[str, ModelConfig]:

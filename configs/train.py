@@ -187,6 +187,6 @@ class TrainConfig:
         require(math.isfinite(self.peak_flops_per_device) and self.peak_flops_per_device >= 0,
                 "peak_flops_per_device", self.peak_flops_per_device, "a finite number >= 0 (0: look it up)")
         # TTT-E2E takes one inner step per chunk; as in Tandon et al. 2025, training rows are whole chunks.
-        chunk = self.model.e2e_chunk_size
+        chunk = None if self.model.e2e is None else self.model.e2e.chunk_size
         require(chunk is None or self.data.seq_len % chunk == 0, "data.seq_len", self.data.seq_len,
-                f"a multiple of the model's e2e_chunk_size={chunk} (training rows are whole chunks)")
+                f"a multiple of the model's e2e.chunk_size={chunk} (training rows are whole chunks)")

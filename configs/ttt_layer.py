@@ -23,6 +23,11 @@ class TTTLayerConfig:
         as in the reference code of Sun et al. 2024; for converted checkpoints).
       form: how full sequences are computed, `"dual"` (closed form) or `"primal"` (autodiff).
       remat_group_size: mini-batches per rematerialised group in the scan (memory vs recompute).
+      inner_norm: f(x) = x + LN(g(x)) and the loss reconstructs v - k; False: f = g, no inner LayerNorm
+        parameters, the loss reconstructs v (configs/ttt.py: the rows of Sun et al. 2024, Table 1).
+      learn_initial_weights: W0 is a parameter; False: W0 = 0, not a parameter.
+      learn_inner_lr: eta has the learned gate above; False: eta = base_lr / head_dim.
+      learn_token_scale: s_i = max(1/i + offset_i, 0) with a learned offset; False: s_i = 1/i.
       init_std: standard deviation of the normal initialiser of the projections and the inner-LR gate
         (the model's `init_std`).
       norm_eps: epsilon of the post-norm (the model's `norm_eps`); the inner LayerNorm's epsilon is part
@@ -42,6 +47,10 @@ class TTTLayerConfig:
     rope_pairing: Literal["half", "interleaved"] = "half"
     form: Literal["dual", "primal"] = "dual"
     remat_group_size: int = 4
+    inner_norm: bool = True
+    learn_initial_weights: bool = True
+    learn_inner_lr: bool = True
+    learn_token_scale: bool = True
     init_std: float = 0.02
     norm_eps: float = 1e-6
     dtype: str = "float32"

@@ -1,12 +1,12 @@
 """TTT-E2E (Tandon et al. 2025): the suffix stages keep training their fast weights on next-token loss while they read.
 
 The prefix stages (no fast weight) read the whole sequence at once. The suffix stages (from the
-first stage holding a fast weight to the top) read it in chunks of `e2e_chunk_size` tokens,
+first stage holding a fast weight to the top) read it in chunks of `e2e.chunk_size` tokens,
 carrying their states (attention windows) and the fast weights. For each chunk, in order:
 
   1. its next-token losses with the current fast weights: what training and evaluation report, so
      no token is ever scored by weights that saw it;
-  2. one optax step (global-norm clipping, then SGD at `e2e_inner_lr * context.inner_lr_scale`) on
+  2. one optax step (global-norm clipping, then SGD at `e2e.inner_lr * context.inner_lr_scale`) on
      the chunk's mean next-token loss through the suffix stages, the final norm and the head,
      changing the fast weights only.
 
@@ -32,7 +32,7 @@ from ttt.models.loss import chunked_cross_entropy
 
 
 def parameter_path(path: tuple) -> str:
-    """An NNX path as the "/"-joined string `e2e_fast_params` is matched against."""
+    """An NNX path as the "/"-joined string `e2e.fast_params` is matched against."""
     return "/".join(str(part) for part in path)
 
 
@@ -45,18 +45,18 @@ def fast_filter(pattern: str):
 def suffix_start(model: nnx.Module) -> int:
     """Index of the first stage of the LM `model` that holds a fast weight; the stages from there read chunk by chunk.
 
-    Raises ValueError when `config.e2e_fast_params` matches no parameter, or matches one outside the
+    Raises ValueError when `config.e2e.fast_params` matches no parameter, or matches one outside the
     stages (the prefix and the embedding read the whole sequence once, so they cannot change).
     """
-    pattern = model.config.e2e_fast_params
+    pattern = model.config.e2e.fast_params
     paths = [path for path, _ in nnx.to_flat_state(nnx.state(model, fast_filter(pattern)))]
     if not paths:
         examples = [parameter_path(path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))][:6]
-        raise ValueError(f"e2e_fast_params={pattern!r} matches no parameter; expected a regular expression "
+        raise ValueError(f"e2e.fast_params={pattern!r} matches no parameter; expected a regular expression "
                          f"matching parameter paths such as {examples} (the default needs a stage with prime_mlp)")
     outside = [parameter_path(path) for path in paths if path[0] != "stages"]
     if outside:
-        raise ValueError(f"e2e_fast_params={pattern!r} matches {outside[:3]} outside the stages; expected fast "
+        raise ValueError(f"e2e.fast_params={pattern!r} matches {outside[:3]} outside the stages; expected fast "
                          "weights inside the stages only")
     return min(int(path[1]) for path in paths)
 
@@ -72,11 +72,11 @@ class SuffixReader:
         config = model.config
         self.config = config
         self.start = model.suffix_start
-        self.graphdef, self.initial_fast, self.rest = nnx.split(model, fast_filter(config.e2e_fast_params), ...)
+        self.graphdef, self.initial_fast, self.rest = nnx.split(model, fast_filter(config.e2e.fast_params), ...)
         self.suffix = model.stages[self.start:]
-        self.optimizer = optax.sgd(config.e2e_inner_lr * context.inner_lr_scale)
-        if config.e2e_inner_clip:
-            self.optimizer = optax.chain(optax.clip_by_global_norm(config.e2e_inner_clip), self.optimizer)
+        self.optimizer = optax.sgd(config.e2e.inner_lr * context.inner_lr_scale)
+        if config.e2e.inner_clip:
+            self.optimizer = optax.chain(optax.clip_by_global_norm(config.e2e.inner_clip), self.optimizer)
         self.stage_context = dataclasses.replace(context, targets=None)
         stage_rows = [_batch_axes(stages_lib.stage_state_axes(stage)) for stage in self.suffix]
         self.state_rows = {"fast": 0, "optimizer": 0, "stages": stage_rows}
@@ -136,7 +136,7 @@ def read_suffix(model: nnx.Module, x: jax.Array, context: Context) -> tuple[jax.
     """Runs the suffix stages of the LM `model` chunk by chunk with an inner step after each chunk, from the start.
 
     Args:
-      model: the LM (its config has `e2e_chunk_size`).
+      model: the LM (its config has `e2e`).
       x: [batch, seq, embed], the prefix stages' output.
       context: `context.targets` int [batch, seq] holds the token each position predicts (negative:
         none, weighted 0 in the inner loss); `inner_lr_scale` scales the inner learning rate.
@@ -150,7 +150,7 @@ def read_suffix(model: nnx.Module, x: jax.Array, context: Context) -> tuple[jax.
         raise ValueError(f"TTT-E2E reads with targets [batch, seq] = {list(x.shape[:2])} in the context; got "
                          f"{None if context.targets is None else context.targets.shape}")
     reader = SuffixReader(model, context)
-    chunk = model.config.e2e_chunk_size
+    chunk = model.config.e2e.chunk_size
     batch, seq, embed = x.shape
     num_chunks = -(-seq // chunk)
     padding = num_chunks * chunk - seq
@@ -163,7 +163,7 @@ def read_suffix(model: nnx.Module, x: jax.Array, context: Context) -> tuple[jax.
         state, hidden, per_token = reader.step(state, *inputs)
         return state, (hidden, per_token)
 
-    if model.config.e2e_remat:
+    if model.config.e2e.remat:
         chunk_step = jax.checkpoint(chunk_step, prevent_cse=False)
     state, (hidden, per_token) = jax.lax.scan(chunk_step, reader.initial_state(batch), (x_chunks, target_chunks))
     hidden = hidden.swapaxes(0, 1).reshape(batch, num_chunks * chunk, embed)[:, :seq]

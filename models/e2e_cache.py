@@ -25,7 +25,7 @@ def extend_suffix(model, x: jax.Array, ids: jax.Array, cache: dict | None, conte
 
     def read_token(cache, inputs):
         x_t, id_t = inputs
-        cache = jax.lax.cond(cache["pending"]["count"] == reader.config.e2e_chunk_size,
+        cache = jax.lax.cond(cache["pending"]["count"] == reader.config.e2e.chunk_size,
                              lambda cache: _step_pending(reader, cache, id_t), lambda cache: cache, cache)
         pending = cache["pending"]
         count = pending["count"]
@@ -43,7 +43,7 @@ def extend_suffix(model, x: jax.Array, ids: jax.Array, cache: dict | None, conte
 def _prefill(reader: SuffixReader, x: jax.Array, ids: jax.Array) -> tuple[jax.Array, dict]:
     """From the start: every chunk whose last target is in `ids` is read and stepped as in training; the
     rest (1 ... chunk tokens) becomes the pending chunk."""
-    chunk = reader.config.e2e_chunk_size
+    chunk = reader.config.e2e.chunk_size
     batch, seq, embed = x.shape
     stepped = (seq - 1) // chunk * chunk
     state, hidden = reader.initial_state(batch), []

@@ -38,9 +38,9 @@ class SwiGLU(nnx.Module):
 
 
 class PreConvolution(nnx.Module):
-    """`x + conv(RMSNorm(x))`: a causal depthwise convolution over the sequence (width `conv_kernel`, with
+    """`x + conv(RMSNorm(x))`: a causal depthwise convolution over the sequence (width `ttt.conv_kernel`, with
     bias) that starts every block of the Mamba-backbone models of Sun et al. 2024. Its state is the last
-    `conv_kernel - 1` normalised inputs [batch, K - 1, embed]."""
+    `ttt.conv_kernel - 1` normalised inputs [batch, K - 1, embed]."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -48,7 +48,7 @@ class PreConvolution(nnx.Module):
         self.norm = rms_norm(config, width, "embed", rngs=rngs)
         # LeCun normal over the K taps of each channel: flax's default for the convolution it replaces.
         weight_init = partitioned(nnx.initializers.lecun_normal(), (None, "embed"))
-        self.weight = nnx.Param(weight_init(rngs.params(), (config.conv_kernel, width), param_dtype))
+        self.weight = nnx.Param(weight_init(rngs.params(), (config.ttt.conv_kernel, width), param_dtype))
         self.bias = nnx.Param(partitioned(nnx.initializers.zeros, ("embed",))(rngs.params(), (width,), param_dtype))
 
     def __call__(self, x: jax.Array, history: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -59,4 +59,4 @@ class PreConvolution(nnx.Module):
         return constrain(x + mixed, ("batch", "seq", "embed")), next_history(history, normed)
 
     def init_state(self, batch: int) -> jax.Array:
-        return jnp.zeros((batch, self.config.conv_kernel - 1, self.config.hidden_size), self.config.dtype)
+        return jnp.zeros((batch, self.config.ttt.conv_kernel - 1, self.config.hidden_size), self.config.dtype)

@@ -32,7 +32,7 @@ class LM(nnx.Module):
     the logical axes of every array. Its size never depends on how many tokens were read, except
     that full-attention layers preallocate `max_seq_len` entries.
 
-    With `config.e2e_chunk_size` (TTT-E2E, models/e2e.py) the stages from `suffix_start` on train
+    With `config.e2e` (TTT-E2E, models/e2e.py) the stages from `suffix_start` on train
     their fast weights while reading; `"stages"` then holds the prefix stages' states and `"e2e"` the
     suffix's (models/e2e_cache.py).
     """
@@ -51,7 +51,7 @@ class LM(nnx.Module):
                                    param_dtype=config.param_dtype, kernel_init=normal_init(config, ("embed", "vocab")),
                                    rngs=rngs)
         # TTT-E2E: the stages from here on read chunk by chunk, training their fast weights.
-        self.suffix_start = e2e.suffix_start(self) if config.e2e_chunk_size is not None else None
+        self.suffix_start = e2e.suffix_start(self) if config.e2e is not None else None
 
     # -- the forward ----------------------------------------------------------------------
 
@@ -156,7 +156,7 @@ class LM(nnx.Module):
         The model itself is left as it was."""
         check_token_ids(ids, self.config.vocab_size)
         if self.suffix_start is None:
-            raise ValueError("read_fast_weights needs a TTT-E2E model (config.e2e_chunk_size set); this one has none")
+            raise ValueError("read_fast_weights needs a TTT-E2E model (config.e2e set); this one has none")
         return self._read_e2e(ids[:, :-1], dataclasses.replace(context, targets=ids[:, 1:]))[2]["fast"]
 
     def _read_e2e(self, ids: jax.Array, context: Context) -> tuple[jax.Array, jax.Array, dict]:

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from ttt.configs import ModelConfig
+from ttt.configs.model import from_json as model_config_from_json
 from ttt.configs.train import DataConfig, MeshConfig, OptimizerConfig, TrainConfig
 from ttt.train.checksums import mismatches, state_checksums
 from ttt.train.step import create_model
@@ -45,9 +45,10 @@ def config_to_json(config: TrainConfig) -> dict:
 
 def config_from_json(data: dict) -> TrainConfig:
     """Rebuild a TrainConfig from its JSON form; unknown or missing fields raise a clear error."""
-    nested = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "mesh": MeshConfig}
+    nested = {"model": model_config_from_json, "data": lambda fields: DataConfig(**fields),
+              "optimizer": lambda fields: OptimizerConfig(**fields), "mesh": lambda fields: MeshConfig(**fields)}
     try:
-        fields = {name: nested[name](**value) if name in nested else value for name, value in data.items()}
+        fields = {name: nested[name](value) if name in nested else value for name, value in data.items()}
         return TrainConfig(**fields)
     except TypeError as error:
         raise ValueError(f"the stored config does not match this version's TrainConfig ({error})") from error

@@ -36,8 +36,9 @@ COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "ttt", "jax"
 # What a console script reports in one line: bad settings, paths and files (ValueError, with
 # DamagedCheckpointError among them), what the system refused (OSError), a diverged run.
 USER_ERRORS = (ValueError, OSError, FloatingPointError)
-# Every flag takes a value (`--evaluate=False`, not `--no-evaluate`), so any field is `--key=value`.
-TYRO_MARKERS = (tyro.conf.FlagConversionOff,)
+# Every flag takes a value (`--evaluate=False`, not `--no-evaluate`), so any field is `--key=value`; a
+# nested config that may be None (`model.e2e`) takes flags only when the preset sets it (no subcommand).
+TYRO_MARKERS = (tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands)
 
 
 def parse_train_args(argv: list[str]) -> TrainConfig:

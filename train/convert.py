@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from flax.serialization import msgpack_restore
 
-from ttt.configs import ModelConfig
+from ttt.configs import ModelConfig, TTTConfig
 from ttt.configs.train import TrainConfig
 
 RopePairing = Literal["half", "interleaved"]
@@ -207,22 +207,23 @@ def model_config(reference: dict, rope_pairing: RopePairing = "half") -> ModelCo
         norm_eps=reference.get("rms_norm_eps", 1e-6),
         init_std=reference.get("initializer_range", 0.02),
     )
+    ttt = {}
     if backbone is not None:
         base_lr = _required(reference, "ttt_base_lr")
-        fields.update(backbone=backbone, mini_batch_size=_required(reference, "mini_batch_size"),
-                      ttt_remat_group_size=reference.get("remat_mini_batch_group_size", 4),
-                      ttt_linear_base_lr=base_lr, ttt_mlp_base_lr=base_lr)
+        ttt.update(backbone=backbone, mini_batch_size=_required(reference, "mini_batch_size"),
+                   remat_group_size=reference.get("remat_mini_batch_group_size", 4),
+                   linear_base_lr=base_lr, mlp_base_lr=base_lr)
     # Switches beyond this project's defaults are set only when on, so a reference model that needs
     # none of them converts to any version of ModelConfig.
     if reference.get("pre_conv", False):
-        fields.update(pre_conv=True, conv_kernel=_required(reference, "conv_width"))
-    elif backbone == "mamba":
-        fields.update(conv_kernel=_required(reference, "conv_width"))
+        fields.update(pre_conv=True)
+    if reference.get("pre_conv", False) or backbone == "mamba":
+        ttt.update(conv_kernel=_required(reference, "conv_width"))
     if rope_pairing == "interleaved":
         fields.update(rope_pairing="interleaved")
     elif rope_pairing != "half":
         raise ValueError(f"rope_pairing={rope_pairing!r}; expected 'half' or 'interleaved'")
-    return ModelConfig(**fields)
+    return ModelConfig(**fields, ttt=TTTConfig(**ttt))
 
 
 def _dims(reference: dict) -> Dims:

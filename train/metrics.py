@@ -31,7 +31,7 @@ def _ttt_forward_flops_per_token(config: ModelConfig, mixer: str) -> float:
     and the mini-batch's causal (b x b) interactions of the dual form."""
     d = config.head_dim
     inner_matmul = 2 * d * d if mixer == "ttt_linear" else 2 * (2 * d * 4 * d)
-    return config.num_heads * (3 * inner_matmul + 4 * config.mini_batch_size * d)
+    return config.num_heads * (3 * inner_matmul + 4 * config.ttt.mini_batch_size * d)
 
 
 def training_flops_per_token(config: ModelConfig, num_params: int, seq_len: int) -> float:

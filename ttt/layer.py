@@ -10,6 +10,11 @@
   z = ttt_linear / ttt_mlp (q, k, v, eta; W0, inner LN)             (fast weights read the sequence)
   y = o_proj(gate * post_norm(z))                                   (gate = gelu(x W_g), mamba only)
 
+The ablation switches of the config (Sun et al. 2024, Table 1; configs/ttt.py) remove parameters:
+`inner_norm=False` the inner LN (and the residual of f), `learn_initial_weights=False` W0 (then 0),
+`learn_inner_lr=False` the gate (eta = s * base_lr / head_dim), `learn_token_scale=False` the
+offset of the 1/i token scale.
+
 `extend(x, state, context)` is the one forward: it reads x from a state (the initial one when None)
 and returns the state after it, whose size does not depend on the context: the inner loop's decode
 state and, for the mamba backbone, the last conv_kernel - 1 q/k projections.
@@ -65,19 +70,23 @@ class TTTLayer(nnx.Module):
             self.q_proj = project_in()
             self.k_proj = project_in()
         self.v_proj = project_in()
-        self.lr_weight = param(normal, (width, heads), ("embed", "heads"))
-        self.lr_bias = param(nnx.initializers.zeros, (heads,), ("heads",))
-        self.token_scale_offset = param(nnx.initializers.zeros, (config.mini_batch_size,), (None,))
+        if config.learn_inner_lr:
+            self.lr_weight = param(normal, (width, heads), ("embed", "heads"))
+            self.lr_bias = param(nnx.initializers.zeros, (heads,), ("heads",))
+        if config.learn_token_scale:
+            self.token_scale_offset = param(nnx.initializers.zeros, (config.mini_batch_size,), (None,))
 
-        inner_model = _INNER[config.inner].model
-        initial = jax.vmap(lambda key: inner_model.init(key, head_dim))(jax.random.split(rngs.params(), heads))
-        self.fast_weights = nnx.Dict({
-            name: param(lambda key, shape, dtype, value=value: value.astype(dtype), value.shape,
-                        ("heads",) + (None,) * (value.ndim - 1))
-            for name, value in initial.items()
-        })
-        self.inner_ln_weight = param(nnx.initializers.ones, (heads, head_dim), ("heads", "head_dim"))
-        self.inner_ln_bias = param(nnx.initializers.zeros, (heads, head_dim), ("heads", "head_dim"))
+        if config.learn_initial_weights:
+            inner_model = _INNER[config.inner].model
+            initial = jax.vmap(lambda key: inner_model.init(key, head_dim))(jax.random.split(rngs.params(), heads))
+            self.fast_weights = nnx.Dict({
+                name: param(lambda key, shape, dtype, value=value: value.astype(dtype), value.shape,
+                            ("heads",) + (None,) * (value.ndim - 1))
+                for name, value in initial.items()
+            })
+        if config.inner_norm:
+            self.inner_ln_weight = param(nnx.initializers.ones, (heads, head_dim), ("heads", "head_dim"))
+            self.inner_ln_bias = param(nnx.initializers.zeros, (heads, head_dim), ("heads", "head_dim"))
         self.post_norm = nnx.LayerNorm(width, epsilon=config.norm_eps, dtype=dtype, param_dtype=param_dtype,
                                        scale_init=partitioned(nnx.initializers.ones, ("embed",)),
                                        bias_init=partitioned(nnx.initializers.zeros, ("embed",)), rngs=rngs)
@@ -112,8 +121,9 @@ class TTTLayer(nnx.Module):
         q, k, v, eta = self._finish_projection(x, q, k, (position + jnp.arange(seq_len)) % self.config.mini_batch_size,
                                                context.inner_lr_scale)
         c = self.config
-        inner = dict(ln_weight=self.inner_ln_weight[...], ln_bias=self.inner_ln_bias[...],
-                     mini_batch_size=c.mini_batch_size, token_scale=self._token_scale())
+        inner_ln = (self.inner_ln_weight[...], self.inner_ln_bias[...]) if c.inner_norm else (None, None)
+        inner = dict(ln_weight=inner_ln[0], ln_bias=inner_ln[1], mini_batch_size=c.mini_batch_size,
+                     token_scale=self._token_scale(), residual=c.inner_norm)
         if seq_len == 1:
             z, state["ttt"] = _INNER[c.inner].step(*(a[:, :, 0] for a in (q, k, v, eta)), state["ttt"], **inner)
             z = z[:, :, None]
@@ -150,17 +160,31 @@ class TTTLayer(nnx.Module):
         q = rotary_embedding(q, mini_batch_positions, c.rope_theta, c.rope_pairing)
         k = rotary_embedding(k, mini_batch_positions, c.rope_theta, c.rope_pairing)
         v = self.v_proj(x)
-        gate_logits = jnp.einsum("bte,eh->bth", x.astype(jnp.float32), self.lr_weight[...].astype(jnp.float32))
-        eta = inner_lr_scale * c.base_lr * jax.nn.sigmoid(gate_logits + self.lr_bias[...]) / c.head_dim
+        eta = inner_lr_scale * c.base_lr * self._inner_lr_gate(x) / c.head_dim
         to_heads = lambda a: constrain(jnp.swapaxes(a, 1, 2), ("batch", "heads", "seq", "head_dim"))
         return to_heads(q), to_heads(k), to_heads(v), jnp.swapaxes(eta, 1, 2)
 
+    def _inner_lr_gate(self, x):
+        """sigmoid(x . theta_h + beta_h) [batch, seq, heads] in float32; 1 without a learned gate."""
+        if not self.config.learn_inner_lr:
+            return jnp.ones((*x.shape[:2], self.config.num_heads), jnp.float32)
+        gate_logits = jnp.einsum("bte,eh->bth", x.astype(jnp.float32), self.lr_weight[...].astype(jnp.float32))
+        return jax.nn.sigmoid(gate_logits + self.lr_bias[...])
+
     def _token_scale(self):
+        """s_i, i = 1..b: [b]; 1/i plus the learned offset (clipped at 0), or 1/i without one."""
         b = self.config.mini_batch_size
-        return jnp.maximum(1.0 / jnp.arange(1, b + 1, dtype=jnp.float32) + self.token_scale_offset[...], 0.0)
+        scale = 1.0 / jnp.arange(1, b + 1, dtype=jnp.float32)
+        if not self.config.learn_token_scale:
+            return scale
+        return jnp.maximum(scale + self.token_scale_offset[...], 0.0)
 
     def _initial_fast_weights(self, batch):
-        """The learnable W0 of every head, broadcast over the batch: {name: [batch, heads, ...]}."""
+        """W0 of every head, broadcast over the batch: {name: [batch, heads, ...]}; learned, or zeros."""
+        c = self.config
+        if not c.learn_initial_weights:
+            shapes = _INNER[c.inner].model.param_shapes(c.head_dim)
+            return {name: jnp.zeros((batch, c.num_heads, *shape), jnp.float32) for name, shape in shapes.items()}
         return {name: jnp.broadcast_to(w[...], (batch, *w.shape)) for name, w in self.fast_weights.items()}
 
     def _output(self, z, x):

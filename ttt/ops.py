@@ -7,6 +7,8 @@ static), vmap-able and differentiable with respect to every array argument.
 Shapes (B batch, H heads, T seq, d head_dim, b mini_batch_size):
   q, k, v: [B, H, T, d]        eta: [B, H, T]        token_scale: [b] (default 1/i)
   ln_weight, ln_bias: [H, d], or both None for no LayerNorm (f(x) = x + g(x))
+  residual: True (default): f(x) = x + LN(g(x)) and the inner loss reconstructs v - k; False:
+    f(x) = LN(g(x)) and it reconstructs v (with no LN either: f = g, the linear-attention limit)
   linear params: {"W": [B, H, d, d], "b": [B, H, d]}
   MLP params: {"W1": [B, H, d, 4d], "b1": [B, H, 4d], "W2": [B, H, 4d, d], "b2": [B, H, d]}
 The step functions take one token: q, k, v: [B, H, d], eta: [B, H].
@@ -29,20 +31,22 @@ Form = Literal["dual", "primal"]
 
 
 def ttt_linear(q, k, v, eta, params, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
-               form: Form = "dual", remat_group_size: int = 4):
-    """TTT-Linear over a sequence: `z_t = q_t + LN(q_t W_t + b_t)`.
+               form: Form = "dual", remat_group_size: int = 4, residual: bool = True):
+    """TTT-Linear over a sequence: `z_t = q_t + LN(q_t W_t + b_t)` (without `residual`: no `q_t +`).
 
     Returns:
       z: [B, H, T, d] in the dtype of q.
       final_params: float32 fast weights after the last token, same structure as `params`.
     """
-    return _sequence(LINEAR, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size)
+    return _sequence(LINEAR, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size,
+                     residual)
 
 
 def ttt_mlp(q, k, v, eta, params, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
-            form: Form = "dual", remat_group_size: int = 4):
+            form: Form = "dual", remat_group_size: int = 4, residual: bool = True):
     """TTT-MLP over a sequence: `z_t = q_t + LN(gelu(q_t W1_t + b1_t) W2_t + b2_t)`. Returns (z, final_params)."""
-    return _sequence(MLP, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size)
+    return _sequence(MLP, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size,
+                     residual)
 
 
 def init_decode_state(params):
@@ -50,48 +54,51 @@ def init_decode_state(params):
     return step_form.init_state(params)
 
 
-def ttt_linear_step(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None):
+def ttt_linear_step(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
+                    residual: bool = True):
     """One token of TTT-Linear. `q, k, v: [B, H, d]`, `eta: [B, H]`. Returns (z [B, H, d], state)."""
-    return _step(LINEAR, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale)
+    return _step(LINEAR, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, residual)
 
 
-def ttt_mlp_step(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None):
+def ttt_mlp_step(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
+                 residual: bool = True):
     """One token of TTT-MLP. `q, k, v: [B, H, d]`, `eta: [B, H]`. Returns (z [B, H, d], state)."""
-    return _step(MLP, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale)
+    return _step(MLP, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, residual)
 
 
 def ttt_linear_extend(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
-                      form: Form = "dual", remat_group_size: int = 4):
+                      form: Form = "dual", remat_group_size: int = 4, residual: bool = True):
     """TTT-Linear over T tokens read from a decode state. Returns (z [B, H, T, d], state after them).
 
     From `init_decode_state(params)` the outputs are those of `ttt_linear(..., params)`; reading a
     then b equals reading a + b, wherever the split falls inside a mini-batch.
     """
     return _extend(LINEAR, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, form,
-                   remat_group_size)
+                   remat_group_size, residual)
 
 
 def ttt_mlp_extend(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
-                   form: Form = "dual", remat_group_size: int = 4):
+                   form: Form = "dual", remat_group_size: int = 4, residual: bool = True):
     """TTT-MLP over T tokens read from a decode state. Returns (z [B, H, T, d], state after them)."""
     return _extend(MLP, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, form,
-                   remat_group_size)
+                   remat_group_size, residual)
 
 
 def _extend(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, form,
-            remat_group_size):
+            remat_group_size, residual):
     _check_sequence(q, k, v, eta, form, remat_group_size)
     batch, heads, _, head_dim = q.shape
     ln_weight, ln_bias, token_scale, state = _check_state(model, state, batch, heads, head_dim, ln_weight, ln_bias,
                                                           mini_batch_size, token_scale)
-    q32, k32, v32, eta32 = (jnp.asarray(x, jnp.float32) for x in (q, k, v, eta))
+    q32, k32, v32, eta32 = _float32_inputs(q, k, v, eta, residual)
     inner_out, state = continuation.extend(model, q32, k32, v32, eta32, state, ln_weight, ln_bias,
                                            mini_batch_size=mini_batch_size, token_scale=token_scale, form=form,
                                            remat_group_size=remat_group_size)
-    return _layer_output(q, q32, inner_out, ln_weight, ln_bias), state
+    return _layer_output(q, q32, inner_out, ln_weight, ln_bias, residual), state
 
 
-def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size):
+def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size,
+              residual):
     _check_positive("mini_batch_size", mini_batch_size)
     _check_sequence(q, k, v, eta, form, remat_group_size)
     batch, heads, seq_len, head_dim = q.shape
@@ -99,7 +106,7 @@ def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_
     ln_weight, ln_bias = _layer_norm_params(ln_weight, ln_bias, heads, head_dim)
     token_scale = _token_scale(token_scale, mini_batch_size)
 
-    q32, k32, v32, eta32 = (jnp.asarray(x, jnp.float32) for x in (q, k, v, eta))
+    q32, k32, v32, eta32 = _float32_inputs(q, k, v, eta, residual)
     params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
     real, padded = mini_batch.num_mini_batches(seq_len, mini_batch_size, remat_group_size)
     q_mb, k_mb, v_mb = (mini_batch.split(x, mini_batch_size, padded) for x in (q32, k32, v32))
@@ -107,24 +114,34 @@ def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_
 
     final_params, inner_out = mini_batch.scan_form(model, form, params, q_mb, k_mb, v_mb, coeff, update, ln_weight,
                                                    ln_bias, min(remat_group_size, real))
-    return _layer_output(q, q32, mini_batch.merge(inner_out, seq_len), ln_weight, ln_bias), final_params
+    return _layer_output(q, q32, mini_batch.merge(inner_out, seq_len), ln_weight, ln_bias, residual), final_params
 
 
-def _layer_output(q, q32, inner_out, ln_weight, ln_bias):
-    """z = q + LN(g(q)) in q's dtype; LN parameters [heads, d] broadcast over [batch, heads, tokens, d]."""
-    head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
-    return (q32 + layer_norm(inner_out, *head_ln)).astype(q.dtype)
+def _float32_inputs(q, k, v, eta, residual):
+    """q, k, v, eta in float32, v shifted by k without the residual: the forms reconstruct `v - k`
+    (the residual's target), and without the residual the target is v itself."""
+    q32, k32, v32, eta32 = (jnp.asarray(x, jnp.float32) for x in (q, k, v, eta))
+    return q32, k32, v32 if residual else v32 + k32, eta32
 
 
-def _step(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale):
+def _layer_output(q, q32, inner_out, ln_weight, ln_bias, residual):
+    """z = q + LN(g(q)) (without the residual: LN(g(q))) in q's dtype; LN parameters [heads, d] broadcast over
+    [batch, heads, tokens, d] (or [batch, heads, d] for one token)."""
+    per_head = (slice(None),) + (None,) * (inner_out.ndim - 3)
+    head_ln = (None, None) if ln_weight is None else (ln_weight[per_head], ln_bias[per_head])
+    normalised = layer_norm(inner_out, *head_ln)
+    return (q32 + normalised if residual else normalised).astype(q.dtype)
+
+
+def _step(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, residual):
     _check_tokens(q, k, v, eta, ndim=3)
     batch, heads, head_dim = q.shape
     ln_weight, ln_bias, token_scale, state = _check_state(model, state, batch, heads, head_dim, ln_weight, ln_bias,
                                                           mini_batch_size, token_scale)
-    q32, k32, v32, eta32 = (jnp.asarray(x, jnp.float32) for x in (q, k, v, eta))
-    z, state = step_form.step(model, q32, k32, v32, eta32, state, ln_weight, ln_bias,
-                              mini_batch_size=mini_batch_size, token_scale=token_scale)
-    return z.astype(q.dtype), state
+    q32, k32, v32, eta32 = _float32_inputs(q, k, v, eta, residual)
+    inner_out, state = step_form.step(model, q32, k32, v32, eta32, state, ln_weight, ln_bias,
+                                      mini_batch_size=mini_batch_size, token_scale=token_scale)
+    return _layer_output(q, q32, inner_out, ln_weight, ln_bias, residual), state
 
 
 def _check_state(model: InnerModel, state, batch, heads, head_dim, ln_weight, ln_bias, mini_batch_size, token_scale):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt.inner_models import InnerModel
-from ttt.objective import inner_loss, output
+from ttt.objective import inner_loss
 
 
 def init_state(params):
@@ -31,15 +31,18 @@ def _per_batch_and_head(fn):
 
 
 def step(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size, token_scale):
-    """One token of mini-batch GD. `q, k, v: [batch, heads, d]`, `eta: [batch, heads]`, all float32."""
+    """One token of mini-batch GD. `q, k, v: [batch, heads, d]`, `eta: [batch, heads]`, all float32.
+
+    Returns (g(q; theta_t) [batch, heads, d], the state after the token); the layer output adds LN and
+    the residual (`ttt.ops`).
+    """
     grad = _per_batch_and_head(lambda p, k, v, w, b: jax.grad(inner_loss, argnums=1)(model, p, k, v, w, b))
-    out = _per_batch_and_head(lambda p, q, _, w, b: output(model, p, q, w, b))
 
     params, position = state["params"], state["position"]
     grads = grad(params, k, v, ln_weight, ln_bias)
     grad_sum = jax.tree.map(lambda s, g: s + eta.reshape(eta.shape + (1,) * (g.ndim - 2)) * g, state["grad_sum"], grads)
     token_params = jax.tree.map(lambda p, s: p - token_scale[position] * s, params, grad_sum)
-    z = out(token_params, q, q, ln_weight, ln_bias)
+    inner_out = jax.vmap(jax.vmap(model.apply))(token_params, q)
 
     # At the end of a mini-batch its last weights become the start of the next one.
     boundary = position + 1 == mini_batch_size
@@ -48,4 +51,4 @@ def step(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, *, mini_bat
         "grad_sum": jax.tree.map(lambda s: jnp.where(boundary, jnp.zeros_like(s), s), grad_sum),
         "position": (position + 1) % mini_batch_size,
     }
-    return z, new_state
+    return inner_out, new_state

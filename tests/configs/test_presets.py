@@ -42,8 +42,8 @@ def test_paper_sizes_are_exact(size):
         config = configs.get(f"{family}-{size}")
         assert (config.num_layers, config.hidden_size, config.num_heads) == PAPER_SIZES[size]
         assert config.vocab_size == 32000 and config.tie_embeddings
-    assert configs.get(f"ttt-linear-{size}").backbone == "mamba"
-    assert configs.get(f"ttt-linear-transformer-backbone-{size}").backbone == "transformer"
+    assert configs.get(f"ttt-linear-{size}").ttt.backbone == "mamba"
+    assert configs.get(f"ttt-linear-transformer-backbone-{size}").ttt.backbone == "transformer"
     assert configs.get(f"ttt-mlp-{size}").ttt_layer_config("ttt_mlp").base_lr == 0.1
     assert configs.get(f"ttt-linear-{size}").ttt_layer_config("ttt_linear").base_lr == 1.0
 
@@ -73,7 +73,7 @@ def test_every_preset_counts_as_the_sum_of_its_layers(name):
     }
     mlp = abstract_count(lambda: SwiGLU(config, rngs=nnx.Rngs(0)))
     mixer_count = {mixer: abstract_count(mixer_counts[mixer]) for mixer in set(config.mixers)}
-    pre_conv = (config.conv_kernel + 2) * config.hidden_size if config.pre_conv else 0
+    pre_conv = (config.ttt.conv_kernel + 2) * config.hidden_size if config.pre_conv else 0
     norms = (2 + 2 * config.post_norm) * config.hidden_size
     layers = sum(mixer_count[mixer] + mlp + norms + pre_conv for mixer in config.mixers)
     prime = (mlp + (1 + config.post_norm) * config.hidden_size) * sum(
@@ -146,5 +146,5 @@ def test_e2e_presets_count_and_match_their_baselines(size):
         layers, width, heads, mlp, shrunk, blocks = E2E_SHAPES[size]
         assert (e2e.num_layers, e2e.hidden_size, e2e.num_heads, e2e.mlp_hidden_size, fast_blocks) == (
             layers, width, heads, shrunk, blocks)
-        assert (full.mlp_hidden_size, e2e.sliding_window, e2e.e2e_chunk_size, e2e.vocab_size) == (
+        assert (full.mlp_hidden_size, e2e.sliding_window, e2e.e2e.chunk_size, e2e.vocab_size) == (
             mlp, 8192, 1024, 128256)

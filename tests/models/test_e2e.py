@@ -1,6 +1,6 @@
 """TTT-E2E: the inner step, the outer gradient through it, and its limits, on a tiny model.
 
-References: the same parameters in the ordinary model (`e2e_chunk_size=None`, one pass over the
+References: the same parameters in the ordinary model (`e2e=None`, one pass over the
 sequence, no inner loop) and its `jax.grad`, and central differences of the loss.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt.configs import ModelConfig
+from ttt.configs import E2EConfig, ModelConfig
 from ttt.configs.model import StageConfig
 from ttt.configs.train import TrainConfig, DataConfig
 from ttt.context import Context
@@ -22,12 +22,13 @@ from ttt.models.e2e import fast_filter
 BATCH, CHUNK = 2, 4
 
 
-def make_config(**overrides) -> ModelConfig:
-    """Two sliding-window blocks, the second with a prime MLP (the suffix); chunks of 4 through a window of 8."""
+def make_config(e2e: dict | None = None, **overrides) -> ModelConfig:
+    """Two sliding-window blocks, the second with a prime MLP (the suffix); chunks of 4 through a window of 8.
+    `e2e` replaces fields of the E2EConfig, the other overrides fields of the ModelConfig."""
     fields = dict(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, mlp_hidden_size=24,
                   stages=(StageConfig("swa", 1), StageConfig("swa", 1, prime_mlp=True)), sliding_window=8,
                   qk_norm=True, post_norm=True, rope_pairing="interleaved", init_std=0.2,
-                  e2e_chunk_size=CHUNK, e2e_inner_lr=1.0, e2e_inner_clip=0.5)
+                  e2e=E2EConfig(**{**dict(chunk_size=CHUNK, inner_lr=1.0, inner_clip=0.5), **(e2e or {})}))
     return ModelConfig(**{**fields, **overrides})
 
 
@@ -38,7 +39,7 @@ def make_ids(num_chunks: int, seed: int = 0) -> jax.Array:
 
 def ordinary_twin(model: LM) -> LM:
     """The same parameters in the model without the inner loop."""
-    twin = LM(dataclasses.replace(model.config, e2e_chunk_size=None), rngs=nnx.Rngs(1))
+    twin = LM(dataclasses.replace(model.config, e2e=None), rngs=nnx.Rngs(1))
     nnx.update(twin, nnx.state(model, nnx.Param))
     return twin
 
@@ -61,7 +62,7 @@ def test_inner_step_is_a_clipped_gradient_step_that_lowers_the_chunks_loss():
     ids = make_ids(1)
     after = _read_fast_weights(model, ids)
     twin = ordinary_twin(model)
-    graphdef, fast, rest = nnx.split(twin, fast_filter(model.config.e2e_fast_params), ...)
+    graphdef, fast, rest = nnx.split(twin, fast_filter(model.config.e2e.fast_params), ...)
     loss_of = jax.jit(lambda fast, rest, row: nnx.merge(graphdef, fast, rest).loss(row)[0])
     chunk_loss = lambda fast, row: loss_of(fast, rest, row)
     for row in range(BATCH):
@@ -83,7 +84,7 @@ def test_inner_lr_zero_is_the_sliding_window_transformer_with_frozen_prime_mlps(
     learning = LM(make_config(), rngs=nnx.Rngs(0))
     reference = per_token_losses(ordinary_twin(learning), ids)
     np.testing.assert_allclose(per_token_losses(learning, ids, inner_lr_scale=0.0), reference, rtol=1e-5, atol=1e-6)
-    frozen = nnx.jit(lambda model, ids: model.loss(ids)[1])(LM(make_config(e2e_inner_lr=0.0), rngs=nnx.Rngs(0)),
+    frozen = nnx.jit(lambda model, ids: model.loss(ids)[1])(LM(make_config(e2e=dict(inner_lr=0.0)), rngs=nnx.Rngs(0)),
                                                            ids[:, :CHUNK + 2])
     np.testing.assert_allclose(frozen, reference[:, :CHUNK + 1], rtol=1e-5, atol=1e-6)
     losses = per_token_losses(learning, ids)
@@ -154,18 +155,19 @@ def test_reading_changes_only_the_fast_weights_and_leaves_the_model_bitwise_unch
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, nnx.state(model)), before)
     fast_paths = sorted("/".join(map(str, path)) for path, _ in nnx.to_flat_state(after))
     assert fast_paths == [f"stages/1/blocks/0/prime_mlp/{name}/kernel" for name in ("down", "gate", "up")]
-    initial = nnx.state(model, fast_filter(model.config.e2e_fast_params))
+    initial = nnx.state(model, fast_filter(model.config.e2e.fast_params))
     for start, read in zip(jax.tree.leaves(initial), jax.tree.leaves(after)):
         assert read.shape == (BATCH, *start.shape) and not np.allclose(read, start)
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(sliding_window=2), "smaller than e2e_chunk_size"),
-    (dict(e2e_fast_params="no_such_parameter"), "matches no parameter"),
-    (dict(e2e_fast_params="embed"), "outside the stages"),
+    (dict(sliding_window=2), "smaller than e2e.chunk_size"),
+    (dict(e2e=dict(fast_params="no_such_parameter")), "matches no parameter"),
+    (dict(e2e=dict(fast_params="embed")), "outside the stages"),
     (dict(stages=(StageConfig("swa", 1), StageConfig("swa", 1))), "matches no parameter"),  # no prime MLP
-    (dict(e2e_fast_params="prime_mlp("), "not a regular expression"),
-    (dict(e2e_inner_lr=-1.0), "expected >= 0"),
+    (dict(e2e=dict(fast_params="prime_mlp(")), "not a regular expression"),
+    (dict(e2e=dict(inner_lr=-1.0)), "expected >= 0"),
+    (dict(e2e=dict(chunk_size=0)), "expected >= 1"),
 ])
 def test_bad_e2e_configs_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -173,5 +175,5 @@ def test_bad_e2e_configs_are_refused(overrides, message):
 
 
 def test_training_rows_must_be_whole_chunks():
-    with pytest.raises(ValueError, match="multiple of the model's e2e_chunk_size=4"):
+    with pytest.raises(ValueError, match="multiple of the model's e2e.chunk_size=4"):
         TrainConfig(model=make_config(), data=DataConfig(seq_len=10))

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt.configs import ModelConfig
+from ttt.configs import ModelConfig, TTTConfig
 from ttt.context import Context
 from ttt.models import LM, generate
 
 WINDOW, MINI_BATCH = 5, 4
 BASE = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_hidden_size=48,
-                   sliding_window=WINDOW, mini_batch_size=MINI_BATCH, max_seq_len=32, loss_chunk_size=5)
+                   sliding_window=WINDOW, ttt=TTTConfig(mini_batch_size=MINI_BATCH), max_seq_len=32, loss_chunk_size=5)
 PATTERNS = {
     "attention": "attention",
     "swa": "swa",
@@ -108,7 +108,8 @@ def test_inner_lr_scale_rescales_the_ttt_layers_and_not_attention():
     times larger and whose sliding-window attention is unchanged (TTT-Linear: tests/train/test_loop.py)."""
     scale = 0.25
     config = dataclasses.replace(BASE, layer_pattern="ttt_mlp,swa", num_layers=4)
-    scaled = dataclasses.replace(config, ttt_mlp_base_lr=scale * config.ttt_mlp_base_lr)
+    ttt = dataclasses.replace(config.ttt, mlp_base_lr=scale * config.ttt.mlp_base_lr)
+    scaled = dataclasses.replace(config, ttt=ttt)
     ids = jax.random.randint(jax.random.key(3), (2, 11), 0, BASE.vocab_size)
     loss = nnx.jit(lambda model, ids, scale: model.loss(ids, context=Context(inner_lr_scale=scale))[1])
     model = LM(config, rngs=nnx.Rngs(0))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tests.train.conftest import MICRO_MODEL
+from ttt import configs
 from ttt.models import generate
 from ttt.train import checkpoint as checkpoint_lib
 from ttt.train import cli
@@ -20,6 +21,18 @@ def test_preset_and_overrides_reach_the_config():
     assert config.config_name == "hybrid-tiny" and config.model.layer_pattern == "ttt_linear,swa"
     assert (config.steps, config.model.hidden_size, config.data.seq_len, config.mesh.fsdp) == (7, 64, 16, 2)
     assert config.evaluate is False and config.optimizer.learning_rate == 1e-4
+
+
+def test_nested_ttt_and_e2e_flags_reach_the_config():
+    config = cli.parse_train_args(["--config=ttt-linear-tiny", "--model.ttt.mini-batch-size=8",
+                                   "--model.ttt.backbone=transformer", "--model.ttt.inner-norm=False",
+                                   "--model.ttt.learn-initial-weights=False", "--model.ttt.learn-inner-lr=False",
+                                   "--model.ttt.learn-token-scale=False"])
+    assert config.model.ttt == configs.TTTConfig(mini_batch_size=8, backbone="transformer", inner_norm=False,
+                                                 learn_initial_weights=False, learn_inner_lr=False,
+                                                 learn_token_scale=False)
+    e2e = cli.parse_train_args(["--config=e2e-tiny", "--model.e2e.inner-lr=0.5", "--data.seq-len=64"]).model.e2e
+    assert e2e == configs.E2EConfig(chunk_size=32, inner_lr=0.5)
 
 
 def test_unknown_preset_is_a_clear_error():

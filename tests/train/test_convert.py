@@ -170,9 +170,9 @@ def test_files_that_are_not_streaming_checkpoints_are_refused(tmp_path):
 def test_model_config_of_the_reference_configs():
     config = convert.model_config({**TTT_CONFIG, "seq_modeling_block": "ttt_mlp_base", "ttt_base_lr": 0.1,
                                    "pre_conv": False})
-    assert (config.layer_pattern, config.backbone, config.ttt_mlp_base_lr, config.num_layers) == (
+    assert (config.layer_pattern, config.ttt.backbone, config.ttt.mlp_base_lr, config.num_layers) == (
         "ttt_mlp", "transformer", 0.1, LAYERS)
-    assert (config.mini_batch_size, config.mlp_hidden_size, config.tie_embeddings) == (B, F, True)
+    assert (config.ttt.mini_batch_size, config.mlp_hidden_size, config.tie_embeddings) == (B, F, True)
     assert convert.model_config({**ATTENTION_CONFIG, "tie_word_embeddings": False}).tie_embeddings is False
     if "pre_conv" in {f.name for f in dataclasses.fields(ModelConfig)}:
         assert convert.model_config(TTT_CONFIG).pre_conv

@@ -51,8 +51,9 @@ def test_inner_lr_warmup_starts_the_ttt_layers_at_a_fraction_of_their_base_lr(ru
     warmup = dataclasses.replace(run_config, steps=2, workdir=str(tmp_path / "warmup"),
                                  optimizer=dataclasses.replace(run_config.optimizer, ttt_inner_lr_warmup_steps=4,
                                                                ttt_inner_lr_warmup_start=start))
-    low_lr_model = dataclasses.replace(MICRO_MODEL, ttt_linear_base_lr=start * MICRO_MODEL.ttt_linear_base_lr,
-                                       ttt_mlp_base_lr=start * MICRO_MODEL.ttt_mlp_base_lr)
+    ttt = MICRO_MODEL.ttt
+    low_lr_model = dataclasses.replace(MICRO_MODEL, ttt=dataclasses.replace(
+        ttt, linear_base_lr=start * ttt.linear_base_lr, mlp_base_lr=start * ttt.mlp_base_lr))
     low_lr = dataclasses.replace(run_config, steps=2, workdir=str(tmp_path / "low"), model=low_lr_model)
     warmed, constant = loop.train(warmup), loop.train(low_lr)
     np.testing.assert_allclose(warmed.losses[1], constant.losses[1], rtol=1e-6)

@@ -49,7 +49,7 @@ def test_reading_a_then_b_equals_reading_a_plus_b(ttt_model, split):
     _assert_states_close(both.state, whole.state)
     assert (both.info.tokens_read, both.info.sources, whole.info.sources) == (37, ("a", "b"), ("a+b",))
     position = both.state["stages"][0][0]["mixer"]["ttt"]["position"]
-    np.testing.assert_array_equal(position, [37 % TTT_MODEL.mini_batch_size])
+    np.testing.assert_array_equal(position, [37 % TTT_MODEL.ttt.mini_batch_size])
     # Reading trains the fast weights of the memory, never the model's own parameters.
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(ttt_model, nnx.Param)), parameters)
     # A reset is the initial memory: reading from it equals reading from nothing.

@@ -15,7 +15,7 @@ def test_inner_lr_warmup_rises_linearly_from_the_start_fraction_to_one():
 
 def test_the_default_start_takes_ttt_mlp_from_the_papers_001_to_01():
     schedule = inner_lr_scale_schedule(OptimizerConfig(ttt_inner_lr_warmup_steps=100))
-    base = configs.get("ttt-mlp-125m").ttt_mlp_base_lr
+    base = configs.get("ttt-mlp-125m").ttt.mlp_base_lr
     assert base == pytest.approx(0.1)
     assert float(schedule(0)) * base == pytest.approx(0.01)
     assert float(schedule(100)) * base == pytest.approx(0.1)
