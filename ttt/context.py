@@ -24,7 +24,8 @@ class Context:
         of every document after the first in a packed row (ttt/documents.py): every mixer then
         computes, for each document, what it computes on that document alone. TTT layers restart
         from their initial fast weights there, so a start must fall where a TTT mini-batch begins;
-        attention and convolutions read nothing across a start. TTT-E2E ignores it.
+        attention and convolutions read nothing across a start (attention only from an empty cache).
+        TTT-E2E models refuse it.
     """
 
     inner_lr_scale: jax.Array | float = 1.0
