@@ -92,9 +92,9 @@ def whole_mini_batches(model: InnerModel, q, k, v, eta, params, num_real, ln_wei
     coeff = mini_batch.causal_coefficients(eta_mb, token_scale)
     whole = (jnp.arange(padded) + 1) * b <= num_real
     update = jnp.where(whole[:, None, None, None], token_scale[-1] * eta_mb, 0.0)
-    restart = None if document_starts is None else mini_batch.restarts(document_starts, b, padded)
+    restart_flags = None if document_starts is None else mini_batch.restarts(document_starts, b, padded)
     params, inner_out = mini_batch.scan_form(model, form, params, q_mb, k_mb, v_mb, coeff, update, ln_weight,
-                                             ln_bias, min(remat_group_size, padded), restart, initial_params)
+                                             ln_bias, min(remat_group_size, padded), restart_flags, initial_params)
 
     partial = jnp.clip(jnp.asarray(num_real) // b, 0, padded - 1)
     grads = token_grads(model, params, k_mb[partial], v_mb[partial], ln_weight, ln_bias)

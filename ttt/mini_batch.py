@@ -107,14 +107,14 @@ def remat_scan(body, carry, xs, group_size: int):
 
 
 def scan_form(model: InnerModel, form: str, params, q, k, v, coeff, update, ln_weight, ln_bias, group_size: int,
-              restart=None, initial_params=None):
+              restart_flags=None, initial_params=None):
     """The dual or primal form's scan over split mini-batches, rematerialised in groups.
 
     Args:
       q, k, v: [num, batch, heads, b, d] (from `split`); coeff, update: from the coefficients.
       ln_weight, ln_bias: [heads, d] or both None.
       group_size: mini-batches per rematerialised group (`num` must be a multiple of it).
-      restart: bool [num, batch] or None: the mini-batches that start from `initial_params` (same
+      restart_flags: bool [num, batch] or None: the mini-batches that start from `initial_params` (same
         structure as `params`) instead of the weights the one before left (`restarts`).
     Returns:
       (weights after the scan, g(q; theta_t) [num, batch, heads, b, d]).
@@ -125,8 +125,8 @@ def scan_form(model: InnerModel, form: str, params, q, k, v, coeff, update, ln_w
         xs, body = dual.prepare(q, k, v, coeff, update), _DUAL_BODIES[model.name](*head_ln)
     else:
         xs, body = primal.prepare(q, k, v, coeff, update), primal.make_body(model, ln_weight, ln_bias)
-    if restart is not None:
-        xs, body = {**xs, "restart": restart}, _restarting(body, initial_params)
+    if restart_flags is not None:
+        xs, body = {**xs, "restart": restart_flags}, _restarting(body, initial_params)
     return remat_scan(body, params, xs, group_size)
 
 

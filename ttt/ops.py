@@ -40,15 +40,15 @@ def ttt_linear(q, k, v, eta, params, ln_weight, ln_bias, *, mini_batch_size: int
       z: [B, H, T, d] in the dtype of q.
       final_params: float32 fast weights after the last token, same structure as `params`.
     """
-    return _sequence(LINEAR, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size,
-                     document_starts)
+    return _sequence(LINEAR, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form,
+                     remat_group_size, document_starts)
 
 
 def ttt_mlp(q, k, v, eta, params, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
             form: Form = "dual", remat_group_size: int = 4, document_starts=None):
     """TTT-MLP over a sequence: `z_t = q_t + LN(gelu(q_t W1_t + b1_t) W2_t + b2_t)`. Returns (z, final_params)."""
-    return _sequence(MLP, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size,
-                     document_starts)
+    return _sequence(MLP, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form,
+                     remat_group_size, document_starts)
 
 
 def init_decode_state(params):
@@ -122,9 +122,9 @@ def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_
     q_mb, k_mb, v_mb = (mini_batch.split(x, mini_batch_size, padded) for x in (q32, k32, v32))
     coeff, update = mini_batch.coefficients(mini_batch.split(eta32, mini_batch_size, padded), token_scale, seq_len)
 
-    restart = None if document_starts is None else mini_batch.restarts(document_starts, mini_batch_size, padded)
+    restart_flags = None if document_starts is None else mini_batch.restarts(document_starts, mini_batch_size, padded)
     final_params, inner_out = mini_batch.scan_form(model, form, params, q_mb, k_mb, v_mb, coeff, update, ln_weight,
-                                                   ln_bias, min(remat_group_size, real), restart, params)
+                                                   ln_bias, min(remat_group_size, real), restart_flags, params)
     return _layer_output(q, q32, mini_batch.merge(inner_out, seq_len), ln_weight, ln_bias), final_params
 
 
