@@ -63,6 +63,11 @@ class DataConfig:
       seed: seed of the document order and the row shuffle (recall tasks: of the rows).
       num_pairs: key-value pairs per MQAR row.
       task_vocab_size: token ids a recall task draws from (0: the model's vocabulary).
+      reset_at_documents: every mixer restarts at each document of a packed row, so that it computes
+        what it computes on the document alone (TTT fast weights from their initial values, attention
+        and convolutions not across documents; ttt/documents.py): each document is padded to a
+        multiple of the TTT mini-batch size, the padding left out of the loss. Off: documents are
+        read as one stream.
     """
 
     source: str = "pystdlib"
@@ -75,6 +80,7 @@ class DataConfig:
     seed: int = 0
     num_pairs: int = 4
     task_vocab_size: int = 0
+    reset_at_documents: bool = False
 
     def __post_init__(self):
         require(bool(self.source.strip()), "data.source", self.source,
@@ -190,3 +196,10 @@ class TrainConfig:
         chunk = None if self.model.e2e is None else self.model.e2e.chunk_size
         require(chunk is None or self.data.seq_len % chunk == 0, "data.seq_len", self.data.seq_len,
                 f"a multiple of the model's e2e.chunk_size={chunk} (training rows are whole chunks)")
+        if self.data.reset_at_documents:
+            require(chunk is None and self.data.source not in RECALL_SOURCES, "data.reset_at_documents", True,
+                    "False for TTT-E2E models and recall tasks (they have no packed documents to restart at)")
+            mini_batch = self.model.ttt.mini_batch_size
+            require(self.data.seq_len % mini_batch == 0, "data.seq_len", self.data.seq_len,
+                    f"a multiple of the model's ttt.mini_batch_size={mini_batch} with data.reset_at_documents "
+                    "(every document starts where a TTT mini-batch begins)")

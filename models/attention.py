@@ -14,13 +14,15 @@ from jax.sharding import PartitionSpec as P
 
 from ttt.configs import ModelConfig
 from ttt.context import DEFAULT, Context
+from ttt.documents import segment_ids
 from ttt.models.layers import normal_init, rms_norm
 from ttt.models.sliding_window import sliding_window_attention
 from ttt.rope import rotary_embedding
 from ttt.sharding import constrain
 
 
-def causal_attention(query: jax.Array, key: jax.Array, value: jax.Array, window: int | None) -> jax.Array:
+def causal_attention(query: jax.Array, key: jax.Array, value: jax.Array, window: int | None,
+                     document_starts: jax.Array | None = None) -> jax.Array:
     """Softmax attention of every position to itself and the positions before it.
 
     Full attention is the quadratic baseline; a sliding window runs blockwise, in time and memory
@@ -31,12 +33,16 @@ def causal_attention(query: jax.Array, key: jax.Array, value: jax.Array, window:
       key, value: [batch, seq, kv_heads, head_dim]; heads is a multiple of kv_heads (query head h
         reads key/value head h // (heads // kv_heads)).
       window: when set, position t attends only to positions t - window + 1 ... t.
+      document_starts: bool [batch, seq] or None (ttt/documents.py): no position attends to one
+        before the latest start at or before it.
     Returns:
       [batch, seq, heads, head_dim].
     """
+    segments = None if document_starts is None else segment_ids(document_starts)
     if window is None:
-        return jax.nn.dot_product_attention(query, key, value, is_causal=True)
-    return sliding_window_attention(query, key, value, window)
+        mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=True)
+    return sliding_window_attention(query, key, value, window, segment_ids=segments)
 
 
 def attention_after_cache(query: jax.Array, key: jax.Array, value: jax.Array, key_positions: jax.Array,
@@ -90,19 +96,23 @@ class Attention(nnx.Module):
 
     def extend(self, x: jax.Array, state: dict | None = None, context: Context = DEFAULT) -> tuple[jax.Array, dict]:
         """Reads x [batch, seq, embed] after the tokens in the cache `state` (None: empty) ->
-        (y [batch, seq, embed], cache after x). Attention learns nothing at test time: `context` is unused.
+        (y [batch, seq, embed], cache after x). Attention learns nothing at test time: of `context` it
+        reads only `document_starts`, and only from an empty cache (a cache does not record where its
+        keys' documents start, so reading from one with document starts is an error).
 
         From an empty cache, full attention reads at most `max_seq_len` tokens (a clear error); from a
         cache, positions past it overwrite the oldest slots (callers such as `generate` check lengths).
         """
-        del context
         batch, seq = x.shape[:2]
         if state is None:
             if self.window is None and seq > self.cache_size:
                 raise ValueError(f"{seq} tokens exceed max_seq_len={self.cache_size} of full attention")
             query, key, value = self._project(x, jnp.arange(seq))
-            attended = causal_attention(query, key, value, self.window)
+            attended = causal_attention(query, key, value, self.window, context.document_starts)
             return self._output(attended), self._cache_of(key, value)
+        if context.document_starts is not None:
+            raise ValueError("attention reads document_starts only from an empty cache (state None): its cache does "
+                             "not record where the documents of its keys start")
         position = state["position"]
         query, key, value = self._project(x, position + jnp.arange(seq))
         if seq == 1:

@@ -47,7 +47,7 @@ class Block(nnx.Module):
         new_state = {}
         if self.pre_conv is not None:
             history = self.pre_conv.init_state(x.shape[0]) if state is None else state["pre_conv"]
-            x, new_state["pre_conv"] = self.pre_conv(x, history)
+            x, new_state["pre_conv"] = self.pre_conv(x, history, context.document_starts)
         mixed, new_state["mixer"] = self.mixer.extend(self.mixer_norm(x), None if state is None else state["mixer"],
                                                       context)
         h = x + _maybe(self.mixer_post_norm, mixed)

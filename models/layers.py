@@ -51,12 +51,15 @@ class PreConvolution(nnx.Module):
         self.weight = nnx.Param(weight_init(rngs.params(), (config.ttt.conv_kernel, width), param_dtype))
         self.bias = nnx.Param(partitioned(nnx.initializers.zeros, ("embed",))(rngs.params(), (width,), param_dtype))
 
-    def __call__(self, x: jax.Array, history: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x: [batch, seq, embed] after `history` -> (x + conv(RMSNorm(x)), the history after x)."""
+    def __call__(self, x: jax.Array, history: jax.Array,
+                 document_starts: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x: [batch, seq, embed] after `history` -> (x + conv(RMSNorm(x)), the history after x); with
+        `document_starts` [batch, seq], no position reads one before its document's start."""
         normed = self.norm(x)
         dtype = normed.dtype
-        mixed = causal_depthwise_conv(normed, self.weight[...].astype(dtype), self.bias[...].astype(dtype), history)
-        return constrain(x + mixed, ("batch", "seq", "embed")), next_history(history, normed)
+        mixed = causal_depthwise_conv(normed, self.weight[...].astype(dtype), self.bias[...].astype(dtype), history,
+                                      document_starts)
+        return constrain(x + mixed, ("batch", "seq", "embed")), next_history(history, normed, document_starts)
 
     def init_state(self, batch: int) -> jax.Array:
         return jnp.zeros((batch, self.config.ttt.conv_kernel - 1, self.config.hidden_size), self.config.dtype)

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ttt.configs import ModelConfig
+from ttt.configs.model import TTT_MIXERS
 from ttt.context import DEFAULT, Context
+from ttt.documents import check_document_starts
 from ttt.models import e2e, e2e_cache
 from ttt.models import stages as stages_lib
 from ttt.models.inputs import check_token_ids
@@ -85,7 +87,8 @@ class LM(nnx.Module):
           mask: optional weights of the predicted tokens, either [batch, seq - 1] (aligned with the
             targets ids[:, 1:]) or [batch, seq] (aligned with ids; column 0 is never a target and
             is dropped). None weights every target 1.
-          context: per-call inputs (the inner-LR scale of training's warmup).
+          context: per-call inputs (the inner-LR scale of training's warmup; `document_starts`, if
+            set, aligned with ids [batch, seq]).
           cache: read ids after what this cache holds (e.g. a memory of earlier documents) instead
             of from the initial state.
         Returns:
@@ -97,6 +100,9 @@ class LM(nnx.Module):
         batch, seq = ids.shape
         if seq < 2:
             raise ValueError(f"loss needs sequences of at least 2 tokens; got ids of shape {ids.shape}")
+        if context.document_starts is not None:  # the forward reads ids[:, :-1]
+            check_document_starts(context.document_starts, ids.shape)
+            context = dataclasses.replace(context, document_starts=context.document_starts[:, :-1])
         if self.suffix_start is not None and cache is None:  # the inner loop has scored every token already
             _, per_token, _ = self._read_e2e(ids[:, :-1], dataclasses.replace(context, targets=ids[:, 1:]))
         else:
@@ -137,6 +143,7 @@ class LM(nnx.Module):
     def _read(self, ids: jax.Array, cache: Cache | None, context: Context) -> tuple[jax.Array, Cache]:
         """ids read after `cache` -> (final-normed hidden states [batch, seq, embed], cache after ids)."""
         check_token_ids(ids, self.config.vocab_size)
+        self._check_document_starts(ids, context, from_start=cache is None)
         x = self._embed(ids)
         # A TTT-E2E model's cache holds the prefix stages' states and the suffix's (models/e2e_cache.py).
         prefix = self.stages if self.suffix_start is None else self.stages[:self.suffix_start]
@@ -168,10 +175,24 @@ class LM(nnx.Module):
     def _run_from_start(self, ids: jax.Array, stages, context: Context) -> jax.Array:
         """ids [batch, seq] embedded and run through `stages` from the initial state, keeping no state, each
         scanned group rematerialised as `config.remat` says -> [batch, seq, embed] (before the final norm)."""
+        self._check_document_starts(ids, context, from_start=True)
         x = self._embed(ids)
         for stage in stages:
             x, _ = stages_lib.run_stage(stage, x, None, context, keep_state=False, remat_policy=self._remat_policy())
         return x
+
+    def _check_document_starts(self, ids: jax.Array, context: Context, from_start: bool) -> None:
+        """`context.document_starts` must match ids and, read from the start by TTT layers, fall where their
+        mini-batches begin (checked when concrete; from a cache, the layers check what they can)."""
+        if context.document_starts is None:
+            return
+        if self.suffix_start is not None:
+            raise ValueError("TTT-E2E models do not read document_starts (their fast weights step per chunk, "
+                             "not per document); pass a Context without it")
+        sizes = {self.config.ttt_layer_config(m).mini_batch_size for m in self.config.mixers if m in TTT_MIXERS}
+        check_document_starts(context.document_starts, ids.shape)
+        for size in sizes if from_start else ():
+            check_document_starts(context.document_starts, ids.shape, size)
 
     def unembedding(self) -> jax.Array:
         """[embed, vocab] matrix mapping final hidden states to logits."""

@@ -46,8 +46,8 @@ def _overlapping_spans(array: jax.Array, front: int, back: int, block: int, halo
     return spans[:, :, extra:]
 
 
-def _blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, key_valid: jax.Array, window: int,
-                       block: int) -> jax.Array:
+def _blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, key_valid: jax.Array,
+                       segment_ids: jax.Array | None, window: int, block: int) -> jax.Array:
     """All query blocks at once. Same contract as `sliding_window_attention` with key_valid given
     and at most window - 1 keys before the first query (kv_len - q_len < window)."""
     batch, q_len, heads, head_dim = query.shape
@@ -64,6 +64,10 @@ def _blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, key_v
     distance = (halo + np.arange(block))[:, None] - np.arange(halo + block)[None, :]
     in_window = jnp.asarray((distance >= 0) & (distance < window))  # [block, span], same for every block
     mask = in_window[None, None, None, None] & valid_spans[:, :, None, None, None, :]
+    if segment_ids is not None:
+        segment_spans = _overlapping_spans(segment_ids, front, back, block, halo)  # [b, n, span]
+        same = segment_spans[:, :, halo:, None] == segment_spans[:, :, None, :]  # query row i at span index halo + i
+        mask = mask & same[:, :, None, None]
 
     group = heads // kv_heads
     query_blocks = jnp.pad(query, [(0, 0), (0, back), (0, 0), (0, 0)])
@@ -85,8 +89,8 @@ def _blocked_attention(query: jax.Array, key: jax.Array, value: jax.Array, key_v
 
 
 def sliding_window_attention(query: jax.Array, key: jax.Array, value: jax.Array, window: int, *,
-                             key_valid: jax.Array | None = None, block_size: int | None = None,
-                             chunk_size: int = 512) -> jax.Array:
+                             key_valid: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                             block_size: int | None = None, chunk_size: int = 512) -> jax.Array:
     """Causal softmax attention of each query to the last `window` key positions up to its own.
 
     The queries are the last q_len positions of the key sequence: query i sits at key position
@@ -103,6 +107,8 @@ def sliding_window_attention(query: jax.Array, key: jax.Array, value: jax.Array,
       window: number of key positions each query may see, itself included (>= 1).
       key_valid: [batch, kv_len] bool, False for keys that do not exist (e.g. empty cache slots);
         None means all exist.
+      segment_ids: int [batch, kv_len] or None: the document of each key position (the queries' are
+        the last q_len); a query reads only keys of its own document (ttt/documents.py).
       block_size: queries per block; None chooses `default_block_size(window)`.
       chunk_size: queries per step of the scan over the sequence (rounded down to a multiple of
         the block); all blocks of a chunk are computed at once. Chunks keep the scores in cache:
@@ -121,8 +127,9 @@ def sliding_window_attention(query: jax.Array, key: jax.Array, value: jax.Array,
         raise ValueError(f"kv_len {kv_len} must be >= q_len {q_len}: queries are the last keys' positions")
     if heads % kv_heads:
         raise ValueError(f"heads {heads} must be a multiple of kv_heads {kv_heads}")
-    if key_valid is not None and key_valid.shape != (batch, kv_len):
-        raise ValueError(f"key_valid {key_valid.shape} must be [batch, kv_len] = [{batch}, {kv_len}]")
+    for name, per_key in (("key_valid", key_valid), ("segment_ids", segment_ids)):
+        if per_key is not None and per_key.shape != (batch, kv_len):
+            raise ValueError(f"{name} {per_key.shape} must be [batch, kv_len] = [{batch}, {kv_len}]")
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     block = min(block_size or default_block_size(window), q_len)
@@ -132,10 +139,11 @@ def sliding_window_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     first_key = max(0, kv_len - q_len - halo)
     key, value = key[:, first_key:], value[:, first_key:]
     key_valid = jnp.ones(key.shape[:2], bool) if key_valid is None else key_valid[:, first_key:]
+    segment_ids = None if segment_ids is None else segment_ids[:, first_key:]
     attend = functools.partial(_blocked_attention, window=window, block=block)
     chunk = block * max(1, chunk_size // block)
     if q_len <= chunk:
-        return attend(query, key, value, key_valid)
+        return attend(query, key, value, key_valid, segment_ids)
 
     # A scan over chunks keeps each chunk's scores in cache; every chunk is a continuation with
     # the `halo` keys before it. Recomputing a chunk in the backward pass (checkpoint) was faster
@@ -143,7 +151,8 @@ def sliding_window_attention(query: jax.Array, key: jax.Array, value: jax.Array,
     num_chunks = -(-q_len // chunk)
     front = halo - (key.shape[1] - q_len)
     back = num_chunks * chunk - q_len
-    spans = [jnp.moveaxis(_overlapping_spans(a, front, back, chunk, halo), 1, 0) for a in (key, value, key_valid)]
+    spans = [None if a is None else jnp.moveaxis(_overlapping_spans(a, front, back, chunk, halo), 1, 0)
+             for a in (key, value, key_valid, segment_ids)]
     query_chunks = jnp.pad(query, [(0, 0), (0, back), (0, 0), (0, 0)])
     query_chunks = jnp.moveaxis(query_chunks.reshape(batch, num_chunks, chunk, heads, head_dim), 1, 0)
     step = jax.checkpoint(attend)

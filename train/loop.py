@@ -145,7 +145,8 @@ def _training_data(config: TrainConfig, local_batch: int):
     batches = pipeline.training_batches(
         dataset.data_sources(builder)["train"], tokenizer, seq_len=config.data.seq_len, batch_size=local_batch,
         seed=config.data.seed, shuffle_window=config.data.shuffle_window, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(),
+        document_alignment=config.model.ttt.mini_batch_size if config.data.reset_at_documents else 0)
     return builder, pipeline.CheckpointableIterator(batches)
 
 
@@ -181,8 +182,10 @@ def _warn(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _rows_and_mask(batch) -> tuple[np.ndarray, np.ndarray | None]:
-    return batch if isinstance(batch, tuple) else (batch, None)
+def _batch_parts(batch) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(token rows, loss mask or None, document starts or None) of a text, recall-task or document-aligned batch."""
+    parts = batch if isinstance(batch, tuple) else (batch,)
+    return parts + (None,) * (3 - len(parts))
 
 
 def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, local_batch, progress, last) -> Run:
@@ -202,14 +205,15 @@ def _loop(config, mesh, model, optimizer, data_iterator, checkpointer, start, lo
     window_start, window_steps = None, 0
     with _StopOnSignal() as stop:
         for current in range(start + 1, last + 1):
-            # Text batches are token rows; recall-task batches come with the mask of their labels.
-            local, local_mask = _rows_and_mask(next(data_iterator))
+            # Text batches are token rows; recall-task batches come with the mask of their labels, document-aligned
+            # ones with the mask of their padding and their document starts.
+            local, *local_extras = _batch_parts(next(data_iterator))
             check_token_ids(local, config.model.vocab_size, name=f"the training batch of step {current}")
-            tokens, mask = (None if rows is None else jax.make_array_from_process_local_data(
+            tokens, mask, starts = (None if rows is None else jax.make_array_from_process_local_data(
                 sharding, rows.reshape(accumulation, local_batch // accumulation, -1), global_shape)
-                for rows in (local, local_mask))
+                for rows in (local, *local_extras))
             inner_lr_scale = np.float32(inner_lr_scale_at(current - 1))
-            result = jax.device_get(step.train_step(model, optimizer, tokens, inner_lr_scale, mask))
+            result = jax.device_get(step.train_step(model, optimizer, tokens, inner_lr_scale, mask, starts))
             done = current
             if window_start is None:  # the first step includes compilation: time from its end
                 window_start = time.perf_counter()

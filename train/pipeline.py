@@ -7,6 +7,10 @@ masked: the model learns to predict the end of a document and to start afresh af
 also what it must do when it reads a stream at inference time. Rows therefore may start in the
 middle of a document; evaluation by token position uses separate rows that each start at the
 beginning of a held-out document.
+
+The option (`DataConfig.reset_at_documents`): every mixer restarts at each document instead
+(ttt/documents.py). Each document is padded to a multiple of the TTT mini-batch size, so that it
+starts where a mini-batch begins, and rows carry the loss mask and the document starts.
 """
 
 import json
@@ -31,22 +35,61 @@ def _rows(batch) -> np.ndarray:
     return batch["tokens"]
 
 
+def _padded_to_multiple(multiple: int, padding_id: int):
+    def pad(document: dict) -> dict:
+        ids = document["tokens"]
+        padded = np.pad(ids, (0, -len(ids) % multiple), constant_values=padding_id)
+        return {"tokens": padded, "real": np.arange(len(padded)) < len(ids)}
+
+    return pad
+
+
+def _aligned_rows(padding_id: int):
+    def rows(batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # A row's first token starts no document here: the row is read from the initial state anyway.
+        segments = batch["tokens_segment_ids"]
+        starts = np.pad(segments[:, 1:] != segments[:, :-1], [(0, 0), (1, 0)])
+        # A document's first token is never predicted when the document is read alone; padding never is.
+        mask = batch["real"] & ~starts
+        target_column = lambda a, value: np.pad(a, [(0, 0), (0, 1)], constant_values=value)
+        return target_column(batch["tokens"], padding_id), target_column(mask, False), target_column(starts, False)
+
+    return rows
+
+
 def training_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                     shuffle_window: int, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                     shuffle_window: int, process_index: int = 0, process_count: int = 1,
+                     document_alignment: int = 0) -> grain.IterDataset:
     """Endless batches `int32 [batch_size, seq_len + 1]` of this process's share of the documents.
 
     Process i reads documents i, i + process_count, ...; each epoch visits them in a new order;
     rows are shuffled within a window so that one batch mixes many documents. `iter()` of the
     result is a checkpointable grain iterator (`get_state` / `set_state`).
+
+    With `document_alignment` b > 0 (a divisor of seq_len), each document (with its end-of-document
+    id) is padded to a multiple of b with end-of-document ids, the stream is cut into rows of seq_len
+    tokens, and each row gets one padding token as its last target; so every document starts at a
+    multiple of b in its row. A batch is then `(tokens, mask, document_starts)`, each
+    [batch_size, seq_len + 1] and aligned with the tokens: the mask is False on padding and on each
+    document's first token (targets a document read alone never has); the starts are True at the
+    first token of each document that begins after the row's first token.
     """
     documents = grain.MapDataset.source(source)
     if len(documents) < process_count:
         raise ValueError(f"{len(documents)} training documents cannot be shared by {process_count} processes")
     documents = documents[process_index::process_count].shuffle(seed=seed).repeat()
     tokens = documents.map(_document_tokens(tokenizer)).to_iter_dataset()
-    rows = ConcatThenSplitIterDataset(tokens, length_struct={"tokens": seq_len + 1})
+    if not document_alignment:
+        rows = ConcatThenSplitIterDataset(tokens, length_struct={"tokens": seq_len + 1})
+        rows = WindowShuffleIterDataset(rows, window_size=shuffle_window, seed=seed)
+        return rows.batch(batch_size, drop_remainder=True).map(_rows)
+    if seq_len % document_alignment:
+        raise ValueError(f"seq_len={seq_len} is not a multiple of document_alignment={document_alignment}")
+    padding_id = tokenizer.end_of_document_id
+    tokens = tokens.map(_padded_to_multiple(document_alignment, padding_id))
+    rows = ConcatThenSplitIterDataset(tokens, length_struct={"tokens": seq_len, "real": seq_len})
     rows = WindowShuffleIterDataset(rows, window_size=shuffle_window, seed=seed)
-    return rows.batch(batch_size, drop_remainder=True).map(_rows)
+    return rows.batch(batch_size, drop_remainder=True).map(_aligned_rows(padding_id))
 
 
 class CheckpointableIterator:

@@ -38,11 +38,14 @@ def token_sharding(mesh: Mesh) -> NamedSharding:
 
 @nnx.jit(donate_argnums=(0, 1))
 def train_step(model: LM, optimizer: nnx.Optimizer, tokens: jax.Array,
-               inner_lr_scale: jax.Array | float = 1.0, mask: jax.Array | None = None) -> dict[str, jax.Array]:
+               inner_lr_scale: jax.Array | float = 1.0, mask: jax.Array | None = None,
+               document_starts: jax.Array | None = None) -> dict[str, jax.Array]:
     """One optimizer update from `tokens` int32 [micro_batches, batch, seq + 1].
 
-    `mask` bool [micro_batches, batch, seq + 1] (aligned with tokens; recall tasks) restricts the
-    loss to the labelled targets; None scores every target (text).
+    `mask` bool [micro_batches, batch, seq + 1] (aligned with tokens; recall tasks, padded documents)
+    restricts the loss to the labelled targets; None scores every target (text).
+    `document_starts` bool [micro_batches, batch, seq + 1] (aligned with tokens; `DataConfig.
+    reset_at_documents`) makes every mixer restart at each document (ttt/documents.py); None: off.
 
     `inner_lr_scale` multiplies the TTT layers' inner learning rate (the inner-LR warmup); it is
     traced, so a new value each step does not recompile.
@@ -53,9 +56,9 @@ def train_step(model: LM, optimizer: nnx.Optimizer, tokens: jax.Array,
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss_of(params, micro_batch, micro_mask):
-        loss, _ = nnx.merge(graphdef, params, rest).loss(micro_batch, micro_mask,
-                                                         context=Context(inner_lr_scale=inner_lr_scale))
+    def loss_of(params, micro_batch, micro_mask, micro_starts):
+        context = Context(inner_lr_scale=inner_lr_scale, document_starts=micro_starts)
+        loss, _ = nnx.merge(graphdef, params, rest).loss(micro_batch, micro_mask, context=context)
         return loss
 
     def accumulate(grad_sum, micro):
@@ -63,7 +66,7 @@ def train_step(model: LM, optimizer: nnx.Optimizer, tokens: jax.Array,
         return jax.tree.map(jnp.add, grad_sum, grads), loss
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    grad_sum, losses = jax.lax.scan(accumulate, zeros, (tokens, mask))
+    grad_sum, losses = jax.lax.scan(accumulate, zeros, (tokens, mask, document_starts))
     grads = jax.tree.map(lambda g, p: (g / tokens.shape[0]).astype(p.dtype), grad_sum, params)
     loss = losses.mean()
     grad_norm = optax.tree.norm(grads)

@@ -20,12 +20,19 @@ class Context:
         inner learning rate too). Attention ignores it.
       targets: int [batch, seq], the token each position must predict (negative: none known), for
         inner losses that need the next token (TTT-E2E); None when the caller has no targets.
+      document_starts: bool [batch, seq] or None (the default: no boundaries), True at the first token
+        of every document after the first in a packed row (ttt/documents.py): every mixer then
+        computes, for each document, what it computes on that document alone. TTT layers restart
+        from their initial fast weights there, so a start must fall where a TTT mini-batch begins;
+        attention and convolutions read nothing across a start (attention only from an empty cache).
+        TTT-E2E models refuse it.
     """
 
     inner_lr_scale: jax.Array | float = 1.0
     targets: jax.Array | None = None
+    document_starts: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(Context, data_fields=["inner_lr_scale", "targets"], meta_fields=[])
+jax.tree_util.register_dataclass(Context, data_fields=["inner_lr_scale", "targets", "document_starts"], meta_fields=[])
 
 DEFAULT = Context()

@@ -14,6 +14,10 @@ Token `i` of the mini-batch (0-based) sees `theta_n - s_{i+1} (G + sum_{p <= j <
 of b + T slots whose other slots have eta = 0, which changes no weight, so every shape is static.
 A state whose position is a concrete 0 (the initial state) skips the head.
 
+With `document_starts` (bool [B, T], ttt/documents.py), a mini-batch whose first token starts a
+document restarts from `initial_params` with an empty gradient sum: the head only when its first
+slot is the first token (p = 0), the body's mini-batches in the scan (`mini_batch.scan_form`).
+
 Shapes (B batch, H heads, T tokens, d head_dim, b mini_batch_size), everything float32:
   q, k, v: [B, H, T, d]; eta: [B, H, T]; token_scale: [b]; ln_weight, ln_bias: [H, d] or None;
   state: {"params": {name: [B, H, ...]}, "grad_sum": same, "position": int32 []}.
@@ -28,7 +32,7 @@ from ttt.objective import inner_loss
 
 
 def extend(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size, token_scale, form,
-           remat_group_size):
+           remat_group_size, document_starts=None, initial_params=None):
     """Inner-model outputs g(q_t; theta_t) of T tokens read from `state`, and the state after them.
 
     Returns:
@@ -36,11 +40,12 @@ def extend(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, *, mini_b
       state: the decode state after the last token.
     """
     b, seq_len = mini_batch_size, q.shape[2]
-    run = dict(mini_batch_size=b, token_scale=token_scale, form=form, remat_group_size=remat_group_size)
+    run = dict(mini_batch_size=b, token_scale=token_scale, form=form, remat_group_size=remat_group_size,
+               initial_params=initial_params)
     position = state["position"]
     if _concrete(position) == 0:
         inner_out, params, grad_sum = whole_mini_batches(model, q, k, v, eta, state["params"], seq_len, ln_weight,
-                                                          ln_bias, **run)
+                                                          ln_bias, document_starts=document_starts, **run)
         return inner_out, _state(params, grad_sum, jnp.asarray(seq_len % b, jnp.int32))
 
     def place(x):
@@ -48,13 +53,20 @@ def extend(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, *, mini_b
         return jax.lax.dynamic_update_slice_in_dim(buffer, x, position, axis=2)
 
     q, k, v, eta = (place(x) for x in (q, k, v, eta))
+    body_starts = None
+    if document_starts is not None:
+        starts = place(document_starts[:, None])[:, 0]  # slot 0 holds the first token only when p = 0
+        body_starts = starts[:, b:]
+        grad_sum = state["grad_sum"]
+        state = _state(mini_batch.restart(starts[:, 0], initial_params, state["params"]),
+                       mini_batch.restart(starts[:, 0], jax.tree.map(jnp.zeros_like, grad_sum), grad_sum), position)
     head_out, head_sums = _head(model, *(x[:, :, :b] for x in (q, k, v, eta)), state["params"], state["grad_sum"],
                                 token_scale, ln_weight, ln_bias)
     last_sum = jax.tree.map(lambda s: s[:, :, -1], head_sums)
     after_head = jax.tree.map(lambda p, s: p - token_scale[-1] * s, state["params"], last_sum)
     rest = position + seq_len - b  # tokens after the current mini-batch; negative if it does not complete
     rest_out, params, grad_sum = whole_mini_batches(model, *(x[:, :, b:] for x in (q, k, v, eta)), after_head, rest,
-                                                    ln_weight, ln_bias, **run)
+                                                    ln_weight, ln_bias, document_starts=body_starts, **run)
     completed = rest >= 0
     params = jax.tree.map(lambda new, old: jnp.where(completed, new, old), params, state["params"])
     grad_sum = jax.tree.map(lambda new, old: jnp.where(completed, new, old), grad_sum, last_sum)
@@ -63,12 +75,13 @@ def extend(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, *, mini_b
 
 
 def whole_mini_batches(model: InnerModel, q, k, v, eta, params, num_real, ln_weight, ln_bias, *, mini_batch_size,
-                       token_scale, form, remat_group_size):
+                       token_scale, form, remat_group_size, document_starts=None, initial_params=None):
     """The sequence form over tokens aligned to mini-batch starts, of which the first `num_real` are real.
 
     `num_real` may be traced; tokens past it must have eta = 0. Only whole mini-batches move the
     weights, so the final weights are those at the start of the last, partial mini-batch, and the
-    gradient sum of its real tokens is returned beside them.
+    gradient sum of its real tokens is returned beside them. A mini-batch whose first token starts a
+    document (`document_starts` [B, T] or None) starts from `initial_params`.
 
     Returns:
       inner_out: [B, H, T, d]; params: weights at the start of the partial mini-batch; grad_sum.
@@ -79,8 +92,9 @@ def whole_mini_batches(model: InnerModel, q, k, v, eta, params, num_real, ln_wei
     coeff = mini_batch.causal_coefficients(eta_mb, token_scale)
     whole = (jnp.arange(padded) + 1) * b <= num_real
     update = jnp.where(whole[:, None, None, None], token_scale[-1] * eta_mb, 0.0)
+    restart_flags = None if document_starts is None else mini_batch.restarts(document_starts, b, padded)
     params, inner_out = mini_batch.scan_form(model, form, params, q_mb, k_mb, v_mb, coeff, update, ln_weight,
-                                             ln_bias, min(remat_group_size, padded))
+                                             ln_bias, min(remat_group_size, padded), restart_flags, initial_params)
 
     partial = jnp.clip(jnp.asarray(num_real) // b, 0, padded - 1)
     grads = token_grads(model, params, k_mb[partial], v_mb[partial], ln_weight, ln_bias)

@@ -17,7 +17,10 @@ offset of the 1/i token scale.
 
 `extend(x, state, context)` is the one forward: it reads x from a state (the initial one when None)
 and returns the state after it, whose size does not depend on the context: the inner loop's decode
-state and, for the mamba backbone, the last conv_kernel - 1 q/k projections.
+state and, for the mamba backbone, the last conv_kernel - 1 q/k projections. With
+`context.document_starts`, the fast weights restart from W0 at every document start (which must fall
+where a mini-batch begins, counting from the state's position) and the convolutions read nothing
+before it (ttt/documents.py).
 """
 
 import types
@@ -109,12 +112,13 @@ class TTTLayer(nnx.Module):
         batch, seq_len, _ = x.shape
         state = self.init_state(batch) if state is None else dict(state)
         x = constrain(x, ("batch", "seq", "embed"))
+        starts = context.document_starts
         if self.config.backbone == "mamba":
             qk = self.qk_proj(x)
             history = state["conv"]
-            q = causal_depthwise_conv(qk, self.conv_q_weight[...], self.conv_q_bias[...], history)
-            k = causal_depthwise_conv(qk, self.conv_k_weight[...], self.conv_k_bias[...], history)
-            state["conv"] = next_history(history, qk)
+            q = causal_depthwise_conv(qk, self.conv_q_weight[...], self.conv_q_bias[...], history, starts)
+            k = causal_depthwise_conv(qk, self.conv_k_weight[...], self.conv_k_bias[...], history, starts)
+            state["conv"] = next_history(history, qk, starts)
         else:
             q, k = self.q_proj(x), self.k_proj(x)
         position = state["ttt"]["position"]
@@ -124,10 +128,12 @@ class TTTLayer(nnx.Module):
         inner_ln = (self.inner_ln_weight[...], self.inner_ln_bias[...]) if c.inner_norm else (None, None)
         inner = dict(ln_weight=inner_ln[0], ln_bias=inner_ln[1], mini_batch_size=c.mini_batch_size,
                      token_scale=self._token_scale(), residual=c.inner_norm)
-        if seq_len == 1:
+        if seq_len == 1 and starts is None:
             z, state["ttt"] = _INNER[c.inner].step(*(a[:, :, 0] for a in (q, k, v, eta)), state["ttt"], **inner)
             z = z[:, :, None]
         else:
+            if starts is not None:
+                inner.update(document_starts=starts, initial_params=self._initial_fast_weights(batch))
             z, state["ttt"] = _INNER[c.inner].extend(q, k, v, eta, state["ttt"], form=c.form,
                                                      remat_group_size=c.remat_group_size, **inner)
         return self._output(z, x), state

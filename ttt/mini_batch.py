@@ -74,6 +74,14 @@ def causal_coefficients(eta: jax.Array, token_scale: jax.Array) -> jax.Array:
     return token_scale[:, None] * causal * eta[..., None, :]
 
 
+def restarts(document_starts: jax.Array, mini_batch_size: int, num_padded: int) -> jax.Array:
+    """bool [num_padded, batch]: the mini-batches whose first token starts a document, from
+    `document_starts` bool [batch, seq] (ttt/documents.py; starts inside a mini-batch are not restarts)."""
+    batch, seq_len = document_starts.shape
+    padded = jnp.pad(document_starts, [(0, 0), (0, num_padded * mini_batch_size - seq_len)])
+    return padded.reshape(batch, num_padded, mini_batch_size)[:, :, 0].T
+
+
 def default_token_scale(mini_batch_size: int) -> jax.Array:
     """s_i = 1 / i for positions i = 1..b."""
     return 1.0 / jnp.arange(1, mini_batch_size + 1, dtype=jnp.float32)
@@ -100,13 +108,16 @@ def remat_scan(body, carry, xs, group_size: int):
     return carry, jax.tree.map(lambda y: y.reshape(num, *y.shape[2:]), ys)
 
 
-def scan_form(model: InnerModel, form: str, params, q, k, v, coeff, update, ln_weight, ln_bias, group_size: int):
+def scan_form(model: InnerModel, form: str, params, q, k, v, coeff, update, ln_weight, ln_bias, group_size: int,
+              restart_flags=None, initial_params=None):
     """The dual or primal form's scan over split mini-batches, rematerialised in groups.
 
     Args:
       q, k, v: [num, batch, heads, b, d] (from `split`); coeff, update: from the coefficients.
       ln_weight, ln_bias: [heads, d] or both None.
       group_size: mini-batches per rematerialised group (`num` must be a multiple of it).
+      restart_flags: bool [num, batch] or None: the mini-batches that start from `initial_params` (same
+        structure as `params`) instead of the weights the one before left (`restarts`).
     Returns:
       (weights after the scan, g(q; theta_t) [num, batch, heads, b, d]).
     """
@@ -116,4 +127,17 @@ def scan_form(model: InnerModel, form: str, params, q, k, v, coeff, update, ln_w
         xs, body = dual.prepare(q, k, v, coeff, update), _DUAL_BODIES[model.name](*head_ln)
     else:
         xs, body = primal.prepare(q, k, v, coeff, update), primal.make_body(model, ln_weight, ln_bias)
+    if restart_flags is not None:
+        xs, body = {**xs, "restart": restart_flags}, _restarting(body, initial_params)
     return remat_scan(body, params, xs, group_size)
+
+
+def restart(flag: jax.Array, initial_params, params):
+    """`initial_params` in the rows where `flag` [batch] is True, else `params` (same pytrees of [batch, ...])."""
+    return jax.tree.map(lambda initial, p: jnp.where(flag.reshape(-1, *(1,) * (p.ndim - 1)), initial, p),
+                        initial_params, params)
+
+
+def _restarting(body, initial_params):
+    """`body` whose mini-batch starts from `initial_params` in the rows where `xs["restart"]` [batch] is True."""
+    return lambda params, xs: body(restart(xs["restart"], initial_params, params), xs)

@@ -12,6 +12,10 @@ Shapes (B batch, H heads, T seq, d head_dim, b mini_batch_size):
   linear params: {"W": [B, H, d, d], "b": [B, H, d]}
   MLP params: {"W1": [B, H, d, 4d], "b1": [B, H, 4d], "W2": [B, H, 4d, d], "b2": [B, H, d]}
 The step functions take one token: q, k, v: [B, H, d], eta: [B, H].
+document_starts: bool [B, T] or None (ttt/documents.py): True where a packed document begins; the
+fast weights restart there from the initial ones (the sequence functions' `params`, the extend
+functions' `initial_params`) with an empty gradient sum. A start must fall where a mini-batch begins
+(checked when concrete; when traced, a start inside a mini-batch restarts nothing).
 A decode state is `{"params": fast weights at the start of the current mini-batch, "grad_sum": the
 eta-weighted inner-gradient sum of its tokens so far, "position": int32 [] inside it}`; the extend
 functions continue one from any position (traced or not) over any number of tokens.
@@ -22,7 +26,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from ttt import continuation, mini_batch
+from ttt import continuation, documents, mini_batch
 from ttt import step as step_form
 from ttt.inner_models import LINEAR, MLP, InnerModel
 from ttt.layer_norm import layer_norm
@@ -31,22 +35,22 @@ Form = Literal["dual", "primal"]
 
 
 def ttt_linear(q, k, v, eta, params, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
-               form: Form = "dual", remat_group_size: int = 4, residual: bool = True):
+               form: Form = "dual", remat_group_size: int = 4, residual: bool = True, document_starts=None):
     """TTT-Linear over a sequence: `z_t = q_t + LN(q_t W_t + b_t)` (without `residual`: no `q_t +`).
 
     Returns:
       z: [B, H, T, d] in the dtype of q.
       final_params: float32 fast weights after the last token, same structure as `params`.
     """
-    return _sequence(LINEAR, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size,
-                     residual)
+    return _sequence(LINEAR, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form,
+                     remat_group_size, residual, document_starts)
 
 
 def ttt_mlp(q, k, v, eta, params, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
-            form: Form = "dual", remat_group_size: int = 4, residual: bool = True):
+            form: Form = "dual", remat_group_size: int = 4, residual: bool = True, document_starts=None):
     """TTT-MLP over a sequence: `z_t = q_t + LN(gelu(q_t W1_t + b1_t) W2_t + b2_t)`. Returns (z, final_params)."""
-    return _sequence(MLP, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size,
-                     residual)
+    return _sequence(MLP, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form,
+                     remat_group_size, residual, document_starts)
 
 
 def init_decode_state(params):
@@ -67,42 +71,54 @@ def ttt_mlp_step(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: in
 
 
 def ttt_linear_extend(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
-                      form: Form = "dual", remat_group_size: int = 4, residual: bool = True):
+                      form: Form = "dual", remat_group_size: int = 4, residual: bool = True, document_starts=None,
+                      initial_params=None):
     """TTT-Linear over T tokens read from a decode state. Returns (z [B, H, T, d], state after them).
 
     From `init_decode_state(params)` the outputs are those of `ttt_linear(..., params)`; reading a
-    then b equals reading a + b, wherever the split falls inside a mini-batch.
+    then b equals reading a + b, wherever the split falls inside a mini-batch. With `document_starts`,
+    `initial_params` (the structure of the state's params) are the weights a document starts from.
     """
     return _extend(LINEAR, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, form,
-                   remat_group_size, residual)
+                   remat_group_size, residual, document_starts, initial_params)
 
 
 def ttt_mlp_extend(q, k, v, eta, state, ln_weight, ln_bias, *, mini_batch_size: int, token_scale=None,
-                   form: Form = "dual", remat_group_size: int = 4, residual: bool = True):
+                   form: Form = "dual", remat_group_size: int = 4, residual: bool = True, document_starts=None,
+                   initial_params=None):
     """TTT-MLP over T tokens read from a decode state. Returns (z [B, H, T, d], state after them)."""
     return _extend(MLP, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, form,
-                   remat_group_size, residual)
+                   remat_group_size, residual, document_starts, initial_params)
 
 
 def _extend(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, form,
-            remat_group_size, residual):
+            remat_group_size, residual, document_starts, initial_params):
     _check_sequence(q, k, v, eta, form, remat_group_size)
-    batch, heads, _, head_dim = q.shape
+    batch, heads, seq_len, head_dim = q.shape
     ln_weight, ln_bias, token_scale, state = _check_state(model, state, batch, heads, head_dim, ln_weight, ln_bias,
                                                           mini_batch_size, token_scale)
+    if document_starts is not None:
+        documents.check_document_starts(document_starts, (batch, seq_len), mini_batch_size, state["position"])
+        if initial_params is None:
+            raise ValueError("document_starts needs initial_params: the fast weights a document starts from")
+        _check_params(model, initial_params, batch, heads, head_dim)
+        initial_params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), initial_params)
     q32, k32, v32, eta32 = _float32_inputs(q, k, v, eta, residual)
     inner_out, state = continuation.extend(model, q32, k32, v32, eta32, state, ln_weight, ln_bias,
                                            mini_batch_size=mini_batch_size, token_scale=token_scale, form=form,
-                                           remat_group_size=remat_group_size)
+                                           remat_group_size=remat_group_size, document_starts=document_starts,
+                                           initial_params=initial_params)
     return _layer_output(q, q32, inner_out, ln_weight, ln_bias, residual), state
 
 
-def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form, remat_group_size,
-              residual):
+def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form,
+              remat_group_size, residual, document_starts):
     _check_positive("mini_batch_size", mini_batch_size)
     _check_sequence(q, k, v, eta, form, remat_group_size)
     batch, heads, seq_len, head_dim = q.shape
     _check_params(model, params, batch, heads, head_dim)
+    if document_starts is not None:
+        documents.check_document_starts(document_starts, (batch, seq_len), mini_batch_size)
     ln_weight, ln_bias = _layer_norm_params(ln_weight, ln_bias, heads, head_dim)
     token_scale = _token_scale(token_scale, mini_batch_size)
 
@@ -112,8 +128,9 @@ def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_
     q_mb, k_mb, v_mb = (mini_batch.split(x, mini_batch_size, padded) for x in (q32, k32, v32))
     coeff, update = mini_batch.coefficients(mini_batch.split(eta32, mini_batch_size, padded), token_scale, seq_len)
 
+    restart_flags = None if document_starts is None else mini_batch.restarts(document_starts, mini_batch_size, padded)
     final_params, inner_out = mini_batch.scan_form(model, form, params, q_mb, k_mb, v_mb, coeff, update, ln_weight,
-                                                   ln_bias, min(remat_group_size, real))
+                                                   ln_bias, min(remat_group_size, real), restart_flags, params)
     return _layer_output(q, q32, mini_batch.merge(inner_out, seq_len), ln_weight, ln_bias, residual), final_params
 
 

@@ -7,7 +7,8 @@ import pytest
 import sentencepiece
 import tokenizers
 
-from ttt.configs.train import DataConfig
+from ttt import configs
+from ttt.configs.train import DataConfig, TrainConfig
 from ttt.train import dataset, pipeline, sources
 from ttt.train.tokenizers import ByteTokenizer, check_fits, load_tokenizer
 
@@ -58,6 +59,47 @@ def test_packing_keeps_each_document_whole_and_ends_it_with_end_of_document(spli
     first = next(iter(batches))
     assert first.shape == (2, 16) and first.dtype == np.int32
     assert sorted(_first_epoch_documents(batches, total)) == texts
+
+
+def test_document_aligned_packing_starts_every_document_on_a_mini_batch_and_masks_its_padding(splits):
+    """Rows of 16 + 1 tokens, mini-batch 4: the real tokens of the rows, in order, are the documents, each
+    followed by end-of-document ids up to a multiple of 4; every document that begins inside a row is a start."""
+    train, seq_len, alignment = splits["train"], 16, 4
+    texts = sorted(ex["text"].decode() for ex in train)
+    total = sum(len(text) + 1 + (-(len(text) + 1) % alignment) for text in texts)
+    batches = iter(pipeline.training_batches(train, ByteTokenizer(), seq_len=seq_len, batch_size=2, seed=3,
+                                             shuffle_window=1, document_alignment=alignment))
+    stream, real, starts = [], [], []
+    while len(stream) < total:
+        tokens, mask, row_starts = next(batches)
+        assert tokens.shape == mask.shape == row_starts.shape == (2, seq_len + 1)
+        assert not mask[:, -1].any() and not row_starts[:, -1].any() and not row_starts[:, 0].any()
+        stream.extend(tokens[:, :seq_len].reshape(-1).tolist())
+        real.extend((mask | row_starts)[:, :seq_len].reshape(-1).tolist())
+        starts.extend(row_starts[:, :seq_len].reshape(-1).tolist())
+    stream, real, starts = (np.asarray(x[:total]) for x in (stream, real, starts))
+    in_order = [piece.decode() for piece in bytes(stream[real].tolist()).split(b"\0")[:-1]]
+    assert sorted(in_order) == texts
+    padded = [len(text) + 1 + (-(len(text) + 1) % alignment) for text in in_order]
+    beginnings = np.cumsum([0] + padded[:-1])
+    for text, begin, length in zip(in_order, beginnings, padded):
+        assert np.array_equal(real[begin:begin + length], np.arange(length) < len(text) + 1), text
+    assert not stream[~real].any(), "padding is end-of-document ids"
+    assert np.array_equal(np.flatnonzero(starts), beginnings[beginnings % seq_len != 0])
+    with pytest.raises(ValueError, match="seq_len=15 is not a multiple of document_alignment=4"):
+        pipeline.training_batches(train, ByteTokenizer(), seq_len=15, batch_size=2, seed=3, shuffle_window=1,
+                                  document_alignment=4)
+
+
+def test_reset_at_documents_is_a_flag_and_needs_rows_of_whole_mini_batches():
+    from ttt.train.cli import parse_train_args
+
+    assert parse_train_args(["--data.reset-at-documents=True"]).data.reset_at_documents
+    model = configs.get("ttt-linear-tiny")
+    with pytest.raises(ValueError, match="data.seq_len=30; expected a multiple of the model's mini_batch_size=16"):
+        TrainConfig(model=model, data=DataConfig(reset_at_documents=True, seq_len=30))
+    with pytest.raises(ValueError, match="data.reset_at_documents=True; expected False for TTT-E2E"):
+        TrainConfig(model=model, data=DataConfig(reset_at_documents=True, source="mqar", seq_len=64))
 
 
 def test_each_process_reads_its_own_documents(splits):

@@ -44,6 +44,19 @@ def test_resume_continues_the_identical_loss_trajectory(run_config, tmp_path):
         np.testing.assert_array_equal(_params(second.model)[path], value)
 
 
+def test_document_aligned_training_resumes_the_identical_loss_trajectory(run_config, tmp_path):
+    """`data.reset_at_documents`: batches with a padding mask and document starts, and a data iterator whose
+    packing state (two features) survives a checkpoint."""
+    run_config = dataclasses.replace(run_config, steps=3,
+                                     data=dataclasses.replace(run_config.data, reset_at_documents=True))
+    straight = loop.train(dataclasses.replace(run_config, workdir=str(tmp_path / "straight")))
+    split = dataclasses.replace(run_config, workdir=str(tmp_path / "split"))
+    loop.train(split, stop_after=1)
+    resumed = loop.train(split)
+    assert all(np.isfinite(list(straight.losses.values())))
+    assert resumed.losses == {step: straight.losses[step] for step in (2, 3)}
+
+
 def test_inner_lr_warmup_starts_the_ttt_layers_at_a_fraction_of_their_base_lr(run_config, tmp_path):
     """Step 1 of a warmup run equals step 1 of a run whose model has base inner learning rates of
     `start` times the preset's; from step 2 the warmup has raised the scale, and the metrics say so."""

@@ -58,3 +58,22 @@ def test_sharded_forward_and_accumulated_train_step_equal_the_unsharded_ones():
         # Adam's first update is lr * g / (|g| + eps): for gradients near zero it magnifies reduction-order
         # differences, so parameters are compared to 1e-5 (the update itself is lr = 3e-3).
         np.testing.assert_allclose(params_8[path], params_1[path], rtol=1e-5, atol=1e-5, err_msg=str(path))
+
+
+def test_document_starts_are_traced_so_new_starts_reuse_the_compiled_step():
+    """Document-aligned batches (`DataConfig.reset_at_documents`): the step with a mask and document starts
+    compiles once; other starts (a start in another row) run the same executable, and the loss is finite."""
+    tokens = np.random.default_rng(0).integers(0, MICRO_MODEL.vocab_size, (1, 2, 33), dtype=np.int32)
+    mask = np.ones(tokens.shape, bool)
+    single = mesh_lib.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    with mesh_lib.activate(single):
+        model = create_model(MICRO_MODEL, single, seed=0)
+        optimizer = nnx.Optimizer(model, make_optimizer(OptimizerConfig(warmup_steps=0), 10), wrt=nnx.Param)
+        starts = np.zeros(tokens.shape, bool)
+        starts[0, 0, MICRO_MODEL.ttt.mini_batch_size] = True
+        metrics = jax.device_get(train_step(model, optimizer, tokens, np.float32(1.0), mask, starts))
+        assert metrics["finite"]
+        compiled_before = len(_COMPILATIONS)
+        starts[0, 1, MICRO_MODEL.ttt.mini_batch_size] = True
+        metrics = jax.device_get(train_step(model, optimizer, tokens, np.float32(1.0), mask, starts))
+        assert metrics["finite"] and len(_COMPILATIONS) == compiled_before, "train_step recompiled for new starts"
