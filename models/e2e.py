@@ -139,8 +139,15 @@ class SuffixReader:
             return loss, (hidden, per_token, states)
 
         (_, (hidden, per_token, states)), grads = jax.value_and_grad(chunk_loss, has_aux=True)(state["fast"])
+        # A chunk without a known target takes no step. Its gradient is zero, where the clipping's global
+        # norm has no derivative (NaN in training's backward pass), so a stand-in gradient is stepped on
+        # and the step discarded.
+        known = jnp.any(targets >= 0)
+        grads = jax.tree.map(lambda grad: jnp.where(known, grad, jnp.ones_like(grad)), grads)
         updates, optimizer_state = self.optimizer.update(grads, state["optimizer"], state["fast"])
-        fast = optax.apply_updates(state["fast"], updates)
+        fast, optimizer_state = jax.tree.map(lambda new, old: jnp.where(known, new, old),
+                                             (optax.apply_updates(state["fast"], updates), optimizer_state),
+                                             (state["fast"], state["optimizer"]))
         return {"fast": fast, "optimizer": optimizer_state, "stages": states}, hidden, per_token
 
 
