@@ -75,7 +75,9 @@ class SuffixReader:
         self.start = model.suffix_start
         self.graphdef, fast, self.rest = nnx.split(model, fast_filter(config.e2e_fast_params), ...)
         self.initial_fast = nnx.to_pure_dict(fast)
-        self.fast_axes = nnx.to_pure_dict(nnx.get_partition_spec(fast))
+        # The logical names each parameter was created with (`nnx.get_partition_spec` gives mesh axes under a mesh).
+        self.fast_axes = nnx.to_pure_dict(jax.tree.map(lambda v: P(*v.get_metadata().get("out_sharding") or ()), fast,
+                                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
         self.suffix = model.stages[self.start:]
         self.optimizer = optax.sgd(config.e2e_inner_lr * context.inner_lr_scale)
         if config.e2e_inner_clip:
@@ -94,8 +96,8 @@ class SuffixReader:
         """Logical axis names (a `PartitionSpec` per array) of a reading state: the parameters' names after "batch"."""
         is_spec = lambda spec: isinstance(spec, P)
         fast = jax.tree.map(lambda spec: P("batch", *spec), self.fast_axes, is_leaf=is_spec)
-        abstract = jax.eval_shape(self.initial_state, 1)
-        optimizer = optax.tree_map_params(self.optimizer, lambda _, spec: spec, abstract["optimizer"], fast,
+        structure = jax.eval_shape(self.optimizer.init, self.initial_fast)  # a row's: the same tree
+        optimizer = optax.tree_map_params(self.optimizer, lambda _, spec: spec, structure, fast,
                                           transform_non_params=lambda _: P(), is_leaf=is_spec)
         return {"fast": fast, "optimizer": optimizer, "stages": self.stage_axes}
 
