@@ -5,8 +5,8 @@
 
 Families (attention, sliding-window attention only, TTT-Linear, TTT-MLP, the SWA/TTT hybrid) share
 depth, width, heads and vocabulary; each family's SwiGLU width is chosen so that its parameter
-count is the closest to the attention model's (`matched_families`). TTT-E2E joins automatically
-once its tiny preset exists (`E2E_PRESET`).
+count is the closest to the attention model's (`matched_families`). TTT-E2E is its tiny preset
+(`E2E_PRESET`) at the study's sizes and window (`e2e_config`).
 
 Per family, two runs of `ttt.train.loop.train`, equal tokens for every family:
 1. MQAR (Zoology) with the loss on labelled positions only (`--data.source=mqar`), scored on
@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 from ttt import configs
+from ttt.configs.presets import e2e_stages
 from ttt.configs.train import DataConfig, OptimizerConfig, TrainConfig
 from ttt.train import dataset, long_documents, loop, recall, step, task_data, tasks
 from ttt.train import mesh as mesh_lib
@@ -37,7 +38,7 @@ from ttt.train.tokenizers import load_tokenizer
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study_report  # noqa: E402 (the script's own folder)
 
-E2E_PRESET = "ttt-e2e-tiny"
+E2E_PRESET = "e2e-tiny"
 STUDY_JSON = "study.json"
 TARGET_ACCURACY = 0.99
 
@@ -88,31 +89,46 @@ FAMILIES = {
 }
 
 
-def family_config(fields: dict, budget: Budget, mlp_hidden_size: int) -> configs.ModelConfig:
+def family_config(name: str, budget: Budget, mlp_hidden_size: int) -> configs.ModelConfig:
+    if name == "ttt-e2e":
+        return e2e_config(budget, mlp_hidden_size)
+    fields = FAMILIES[name]
     return configs.ModelConfig(
         vocab_size=256, num_layers=budget.num_layers, hidden_size=budget.hidden_size, num_heads=budget.num_heads,
-        mlp_hidden_size=mlp_hidden_size, max_seq_len=max(budget.long_length, max(budget.needle_lengths)),
+        mlp_hidden_size=mlp_hidden_size, max_seq_len=_max_seq_len(budget),
         sliding_window=budget.sliding_window if "swa" in fields["layer_pattern"] else None, **fields)
+
+
+def e2e_config(budget: Budget, mlp_hidden_size: int) -> configs.ModelConfig:
+    """TTT-E2E's tiny preset at the budget's sizes and window: the last quarter of the blocks (at least one)
+    carry the prime MLPs; chunks of the preset's size or of the window, whichever is smaller (a chunk
+    must fit in the window); `TrainConfig` checks that the training lengths are whole chunks."""
+    preset = configs.get(E2E_PRESET)
+    return configs.get(E2E_PRESET, num_layers=budget.num_layers, hidden_size=budget.hidden_size,
+                       num_heads=budget.num_heads, mlp_hidden_size=mlp_hidden_size,
+                       stages=e2e_stages(budget.num_layers, max(1, budget.num_layers // 4)),
+                       sliding_window=budget.sliding_window, max_seq_len=_max_seq_len(budget),
+                       e2e=dataclasses.replace(preset.e2e, chunk_size=min(preset.e2e.chunk_size, budget.sliding_window)))
+
+
+def _max_seq_len(budget: Budget) -> int:
+    return max(budget.long_length, max(budget.needle_lengths))
 
 
 def matched_families(budget: Budget, names: list[str]) -> dict[str, configs.ModelConfig]:
     """name -> config; every SwiGLU width (a multiple of 8) brings the count closest to attention's."""
-    target = step.count_parameters(family_config(FAMILIES["attention"], budget, budget.mlp_hidden_size))
+    target = step.count_parameters(family_config("attention", budget, budget.mlp_hidden_size))
     chosen = {}
     for name in names:
-        if name == "ttt-e2e":
-            chosen[name] = configs.get(E2E_PRESET, num_layers=budget.num_layers, hidden_size=budget.hidden_size,
-                                       num_heads=budget.num_heads, mlp_hidden_size=budget.mlp_hidden_size)
-            continue
         widths = range(8, 2 * budget.mlp_hidden_size + 1, 8)
-        counts = {w: step.count_parameters(family_config(FAMILIES[name], budget, w)) for w in widths}
-        chosen[name] = family_config(FAMILIES[name], budget, min(widths, key=lambda w: abs(counts[w] - target)))
+        counts = {w: step.count_parameters(family_config(name, budget, w)) for w in widths}
+        chosen[name] = family_config(name, budget, min(widths, key=lambda w: abs(counts[w] - target)))
     return chosen
 
 
 def available_families() -> list[str]:
-    """The families of this study; TTT-E2E enters when `configs` has its tiny preset."""
-    return list(FAMILIES) + (["ttt-e2e"] if E2E_PRESET in configs.names() else [])
+    """The families of this study."""
+    return [*FAMILIES, "ttt-e2e"]
 
 
 def mqar_config(model, budget: Budget, workdir: str) -> TrainConfig:

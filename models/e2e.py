@@ -65,27 +65,41 @@ class SuffixReader:
     """The suffix stages of an LM, final norm and head as functions of a reading state, vmapped over the rows.
 
     The reading state is `{"fast": fast weights, "optimizer": inner optimizer state, "stages": the
-    suffix stages' states}`, every array of the first two with a leading batch axis.
+    suffix stages' states}`, every array of the first two with a leading batch axis; the fast
+    weights are a plain nested dict of arrays keyed by parameter path (`nnx.to_pure_dict`).
     """
 
     def __init__(self, model: nnx.Module, context: Context):
         config = model.config
         self.config = config
         self.start = model.suffix_start
-        self.graphdef, self.initial_fast, self.rest = nnx.split(model, fast_filter(config.e2e.fast_params), ...)
+        self.graphdef, fast, self.rest = nnx.split(model, fast_filter(config.e2e.fast_params), ...)
+        self.initial_fast = nnx.to_pure_dict(fast)
+        # The logical names each parameter was created with (`nnx.get_partition_spec` gives mesh axes under a mesh).
+        self.fast_axes = nnx.to_pure_dict(jax.tree.map(lambda v: P(*v.get_metadata().get("out_sharding") or ()), fast,
+                                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
         self.suffix = model.stages[self.start:]
         self.optimizer = optax.sgd(config.e2e.inner_lr * context.inner_lr_scale)
         if config.e2e.inner_clip:
             self.optimizer = optax.chain(optax.clip_by_global_norm(config.e2e.inner_clip), self.optimizer)
         self.stage_context = dataclasses.replace(context, targets=None)
-        stage_rows = [_batch_axes(stages_lib.stage_state_axes(stage)) for stage in self.suffix]
-        self.state_rows = {"fast": 0, "optimizer": 0, "stages": stage_rows}
+        self.stage_axes = [stages_lib.stage_state_axes(stage) for stage in self.suffix]
+        self.state_rows = {"fast": 0, "optimizer": 0, "stages": [_batch_axes(axes) for axes in self.stage_axes]}
 
     def initial_state(self, batch: int) -> dict:
         """The reading state before any token: every row's fast weights at the model's values."""
         fast = jax.tree.map(lambda weight: jnp.broadcast_to(weight, (batch, *weight.shape)), self.initial_fast)
         return {"fast": fast, "optimizer": jax.vmap(self.optimizer.init)(fast),
                 "stages": [stages_lib.init_stage_state(stage, batch) for stage in self.suffix]}
+
+    def state_axes(self) -> dict:
+        """Logical axis names (a `PartitionSpec` per array) of a reading state: the parameters' names after "batch"."""
+        is_spec = lambda spec: isinstance(spec, P)
+        fast = jax.tree.map(lambda spec: P("batch", *spec), self.fast_axes, is_leaf=is_spec)
+        structure = jax.eval_shape(self.optimizer.init, self.initial_fast)  # a row's: the same tree
+        optimizer = optax.tree_map_params(self.optimizer, lambda _, spec: spec, structure, fast,
+                                          transform_non_params=lambda _: P(), is_leaf=is_spec)
+        return {"fast": fast, "optimizer": optimizer, "stages": self.stage_axes}
 
     def forward(self, state: dict, x: jax.Array) -> tuple[jax.Array, list]:
         """x [batch, n, embed] read with the current fast weights -> (final-normed hidden [batch, n, embed],
@@ -127,8 +141,15 @@ class SuffixReader:
             return loss, (hidden, per_token, states)
 
         (_, (hidden, per_token, states)), grads = jax.value_and_grad(chunk_loss, has_aux=True)(state["fast"])
+        # A chunk without a known target takes no step. Its gradient is zero, where the clipping's global
+        # norm has no derivative (NaN in training's backward pass), so a stand-in gradient is stepped on
+        # and the step discarded.
+        known = jnp.any(targets >= 0)
+        grads = jax.tree.map(lambda grad: jnp.where(known, grad, jnp.ones_like(grad)), grads)
         updates, optimizer_state = self.optimizer.update(grads, state["optimizer"], state["fast"])
-        fast = optax.apply_updates(state["fast"], updates)
+        fast, optimizer_state = jax.tree.map(lambda new, old: jnp.where(known, new, old),
+                                             (optax.apply_updates(state["fast"], updates), optimizer_state),
+                                             (state["fast"], state["optimizer"]))
         return {"fast": fast, "optimizer": optimizer_state, "stages": states}, hidden, per_token
 
 

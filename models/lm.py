@@ -95,48 +95,42 @@ class LM(nnx.Module):
           (loss, per_token_loss): the mask-weighted mean, a float32 scalar (0 when the mask is all
           zero), and the unweighted float32 [batch, seq - 1] losses. The float32 logits are
           computed `loss_chunk_size` positions at a time (never for the whole sequence).
+          TTT-E2E: the inner loss, too, weights only the targets of positive mask weight.
         """
         check_token_ids(ids, self.config.vocab_size)
-        batch, seq = ids.shape
-        if seq < 2:
+        if ids.shape[1] < 2:
             raise ValueError(f"loss needs sequences of at least 2 tokens; got ids of shape {ids.shape}")
         if context.document_starts is not None:  # the forward reads ids[:, :-1]
             check_document_starts(context.document_starts, ids.shape)
             context = dataclasses.replace(context, document_starts=context.document_starts[:, :-1])
+        weights = None if mask is None else target_weights(mask, ids.shape)
         if self.suffix_start is not None and cache is None:  # the inner loop has scored every token already
-            _, per_token, _ = self._read_e2e(ids[:, :-1], dataclasses.replace(context, targets=ids[:, 1:]))
+            _, per_token, _ = self._read_e2e(ids[:, :-1], e2e_context(ids, weights, context))
         else:
             if cache is None:
                 hidden = self.hidden_states(ids[:, :-1], context)
             else:
                 hidden, _ = self._read(ids[:, :-1], cache, context)
             per_token = chunked_cross_entropy(hidden, self.unembedding(), ids[:, 1:], self.config.loss_chunk_size)
-        if mask is None:
+        if weights is None:
             return per_token.mean(), per_token
-        if mask.shape == (batch, seq):
-            mask = mask[:, 1:]
-        if mask.shape != (batch, seq - 1):
-            raise ValueError(f"mask of shape {mask.shape}; expected {(batch, seq - 1)} or {(batch, seq)}")
-        weights = mask.astype(jnp.float32)
         return (per_token * weights).sum() / jnp.maximum(weights.sum(), 1e-9), per_token
 
     # -- the cache ------------------------------------------------------------------------
 
     def init_cache(self, batch: int) -> Cache:
         """The cache before any token has been read."""
-        self._check_not_e2e("init_cache")
-        return {"stages": [stages_lib.init_stage_state(stage, batch) for stage in self.stages]}
+        cache = {"stages": [stages_lib.init_stage_state(stage, batch) for stage in self._prefix()]}
+        if self.suffix_start is not None:
+            cache["e2e"] = e2e_cache.initial_suffix_cache(self, batch)
+        return cache
 
     def cache_axes(self) -> Cache:
         """Logical axis names (a `PartitionSpec` per array) of the cache, for sharding or restoring it on a mesh."""
-        self._check_not_e2e("cache_axes")
-        return {"stages": [stages_lib.stage_state_axes(stage) for stage in self.stages]}
-
-    def _check_not_e2e(self, method: str) -> None:
-        # A TTT-E2E cache exists only after a first token (its pending chunk is never empty).
+        axes = {"stages": [stages_lib.stage_state_axes(stage) for stage in self._prefix()]}
         if self.suffix_start is not None:
-            raise ValueError(f"{method} is not built for TTT-E2E models; their cache comes from extend(ids) "
-                             "(None: read from the start)")
+            axes["e2e"] = e2e_cache.suffix_cache_axes(self)
+        return axes
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -145,8 +139,7 @@ class LM(nnx.Module):
         check_token_ids(ids, self.config.vocab_size)
         self._check_document_starts(ids, context, from_start=cache is None)
         x = self._embed(ids)
-        # A TTT-E2E model's cache holds the prefix stages' states and the suffix's (models/e2e_cache.py).
-        prefix = self.stages if self.suffix_start is None else self.stages[:self.suffix_start]
+        prefix = self._prefix()
         states = [None] * len(prefix) if cache is None else cache["stages"]
         new_states = []
         for stage, state in zip(prefix, states):
@@ -157,20 +150,27 @@ class LM(nnx.Module):
         hidden, suffix = e2e_cache.extend_suffix(self, x, ids, None if cache is None else cache["e2e"], context)
         return hidden, {"stages": new_states, "e2e": suffix}
 
-    def read_fast_weights(self, ids: jax.Array, context: Context = DEFAULT) -> nnx.State:
-        """TTT-E2E: the fast weights after reading ids[:, :-1] with targets ids[:, 1:] (as `loss` does), one
-        inner step per chunk: an `nnx.State` of the fast parameters, each [batch, *parameter shape].
-        The model itself is left as it was."""
+    def _prefix(self):
+        """The stages read in one pass: all of them, or a TTT-E2E model's before `suffix_start` (its cache holds
+        their states and the suffix's, models/e2e_cache.py)."""
+        return self.stages if self.suffix_start is None else self.stages[:self.suffix_start]
+
+    def read_fast_weights(self, ids: jax.Array, mask: jax.Array | None = None,
+                          context: Context = DEFAULT) -> nnx.State:
+        """TTT-E2E: the fast weights after reading ids[:, :-1] with targets ids[:, 1:] (those `mask` weights
+        positively, as `loss` does), one inner step per chunk: an `nnx.State` of the fast parameters, each
+        [batch, *parameter shape]. The model itself is left as it was."""
         check_token_ids(ids, self.config.vocab_size)
         if self.suffix_start is None:
             raise ValueError("read_fast_weights needs a TTT-E2E model (config.e2e set); this one has none")
-        return self._read_e2e(ids[:, :-1], dataclasses.replace(context, targets=ids[:, 1:]))[2]["fast"]
+        weights = None if mask is None else target_weights(mask, ids.shape)
+        return nnx.State(self._read_e2e(ids[:, :-1], e2e_context(ids, weights, context))[2]["fast"])
 
     def _read_e2e(self, ids: jax.Array, context: Context) -> tuple[jax.Array, jax.Array, dict]:
         """TTT-E2E from the initial state: ids [batch, seq], `context.targets` [batch, seq] ->
         (final-normed hidden states [batch, seq, embed], float32 [batch, seq] next-token losses, the
         suffix's reading state after the last chunk's step; see `e2e.read_suffix`)."""
-        return e2e.read_suffix(self, self._run_from_start(ids, self.stages[:self.suffix_start], context), context)
+        return e2e.read_suffix(self, self._run_from_start(ids, self._prefix(), context), context)
 
     def _run_from_start(self, ids: jax.Array, stages, context: Context) -> jax.Array:
         """ids [batch, seq] embedded and run through `stages` from the initial state, keeping no state, each
@@ -211,3 +211,21 @@ class LM(nnx.Module):
         if policy in ("none", "full"):
             return None if policy == "none" else "full"
         return getattr(jax.checkpoint_policies, policy)
+
+
+def target_weights(mask: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """A loss mask [batch, seq - 1] or [batch, seq] of ids of `shape` [batch, seq] -> float32 [batch, seq - 1]
+    weights of the targets ids[:, 1:] (column 0 of a [batch, seq] mask is never a target)."""
+    batch, seq = shape
+    if mask.shape == (batch, seq):
+        mask = mask[:, 1:]
+    if mask.shape != (batch, seq - 1):
+        raise ValueError(f"mask of shape {mask.shape}; expected {(batch, seq - 1)} or {(batch, seq)}")
+    return mask.astype(jnp.float32)
+
+
+def e2e_context(ids: jax.Array, weights: jax.Array | None, context: Context) -> Context:
+    """`context` with TTT-E2E's targets for reading ids[:, :-1]: ids[:, 1:], unknown (-1) where `weights`
+    [batch, seq - 1] is not positive (padding, unlabelled positions), so the inner loss skips them."""
+    targets = ids[:, 1:] if weights is None else jnp.where(weights > 0, ids[:, 1:], -1)
+    return dataclasses.replace(context, targets=targets)

@@ -46,7 +46,7 @@ def ordinary_twin(model: LM) -> LM:
 
 # Module-level jitted functions, so that tests of the same config and shapes compile them once.
 _per_token_losses = nnx.jit(lambda model, ids, scale: model.loss(ids, context=Context(inner_lr_scale=scale))[1])
-_read_fast_weights = nnx.jit(lambda model, ids: model.read_fast_weights(ids))
+_read_fast_weights = nnx.jit(lambda model, ids, mask=None: model.read_fast_weights(ids, mask))
 _extend = nnx.jit(lambda model, ids, cache: model.extend(ids, cache))
 _forward = nnx.jit(lambda model, ids: model(ids))
 
@@ -55,25 +55,49 @@ def per_token_losses(model: LM, ids: jax.Array, inner_lr_scale: float = 1.0) -> 
     return np.asarray(_per_token_losses(model, ids, jnp.float32(inner_lr_scale)))
 
 
-def test_inner_step_is_a_clipped_gradient_step_that_lowers_the_chunks_loss():
+@pytest.mark.parametrize("masked", [False, True])
+def test_inner_step_is_a_clipped_gradient_step_that_lowers_the_chunks_loss(masked):
     """After one chunk, each sequence's fast weights are W0 - lr * clip(grad of that sequence's chunk loss),
-    the gradient taken by jax.grad of the ordinary model; and the chunk's loss is lower with them."""
+    the gradient taken by jax.grad of the ordinary model; and the chunk's loss is lower with them. With
+    a loss mask, the chunk loss is the mean over the targets the mask keeps (both rows lose a different
+    two)."""
     model = LM(make_config(), rngs=nnx.Rngs(0))
     ids = make_ids(1)
-    after = _read_fast_weights(model, ids)
+    mask = np.ones((BATCH, CHUNK), np.float32)
+    if masked:
+        mask[0, :2] = mask[1, 1:3] = 0
+    after = _read_fast_weights(model, ids, jnp.asarray(mask))
     twin = ordinary_twin(model)
     graphdef, fast, rest = nnx.split(twin, fast_filter(model.config.e2e.fast_params), ...)
-    loss_of = jax.jit(lambda fast, rest, row: nnx.merge(graphdef, fast, rest).loss(row)[0])
-    chunk_loss = lambda fast, row: loss_of(fast, rest, row)
+    loss_of = jax.jit(lambda fast, rest, row, mask: nnx.merge(graphdef, fast, rest).loss(row, mask)[0])
     for row in range(BATCH):
-        grads = jax.grad(loss_of)(fast, rest, ids[row:row + 1])
+        chunk_loss = lambda fast: loss_of(fast, rest, ids[row:row + 1], mask[row:row + 1])
+        grads = jax.grad(chunk_loss)(fast)
         norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads)))
         assert norm > 0.5, "the test needs the clipping to act"
         expected = jax.tree.map(lambda w, g: w - 1.0 * g * 0.5 / norm, fast, grads)
         stepped = jax.tree.map(lambda w: w[row], after)
         for want, got in zip(jax.tree.leaves(expected), jax.tree.leaves(stepped)):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-        assert chunk_loss(stepped, ids[row:row + 1]) < chunk_loss(fast, ids[row:row + 1])
+        assert chunk_loss(stepped) < chunk_loss(fast)
+
+
+def test_a_chunk_without_known_targets_takes_no_step():
+    """Loss-masked targets are unknown to the inner loss: a chunk whose every target is masked (padding)
+    leaves the fast weights where they were, while the next chunk, its targets kept, moves them; the
+    outer gradient through both stays finite (the clipping's norm of a zero gradient has none)."""
+    model = LM(make_config(), rngs=nnx.Rngs(0))
+    ids = make_ids(2)
+    mask = jnp.concatenate([jnp.zeros((BATCH, CHUNK)), jnp.ones((BATCH, CHUNK))], axis=1)
+    initial = nnx.state(model, fast_filter(model.config.e2e.fast_params))
+    first = _read_fast_weights(model, ids[:, :CHUNK + 1], mask[:, :CHUNK])
+    both = _read_fast_weights(model, ids, mask)
+    for start, after_first, after_both in zip(jax.tree.leaves(initial), jax.tree.leaves(first), jax.tree.leaves(both)):
+        np.testing.assert_array_equal(after_first, np.broadcast_to(start, after_first.shape))
+        assert not np.allclose(after_both, after_first)
+    graphdef, params = nnx.split(model, nnx.Param)
+    grads = jax.jit(jax.grad(lambda params: nnx.merge(graphdef, params).loss(ids, mask)[0]))(params)
+    assert all(np.all(np.isfinite(grad)) for grad in jax.tree.leaves(grads))
 
 
 def test_inner_lr_zero_is_the_sliding_window_transformer_with_frozen_prime_mlps():
@@ -119,22 +143,26 @@ def test_outer_gradient_through_the_inner_steps_equals_finite_differences():
     assert abs(analytic - numeric) <= 1e-2 * abs(numeric), (analytic, numeric)
 
 
-@pytest.mark.parametrize("prompt", [CHUNK + 2, 2 * CHUNK])
-def test_decoding_from_the_cache_equals_the_forward_at_every_position(prompt):
-    """Prefill a prompt (ending inside a chunk, or at a chunk boundary), then read one
-    token at a time (inner steps as chunks complete): the logits at every position equal the training
-    forward's over the whole sequence, and the cache keeps its size."""
+@pytest.mark.parametrize("prompt, piece", [(CHUNK + 2, 1), (2 * CHUNK, 1), (CHUNK - 1, 2 * CHUNK + 1), (0, CHUNK + 1)])
+def test_reading_from_the_cache_equals_the_forward_at_every_position(prompt, piece):
+    """Read a prompt (ending inside a chunk, at a chunk boundary, or none: from `init_cache`), then the
+    rest in pieces of `piece` tokens: one at a time (decoding), or pieces spanning whole chunks (scored
+    and stepped through the chunk path) and ending inside one. The logits at every position equal the
+    training forward's over the whole sequence, and the cache keeps its size."""
     model = LM(make_config(), rngs=nnx.Rngs(0))
     ids = make_ids(3)[:, :3 * CHUNK + 1]
-    logits, cache = _extend(model, ids[:, :prompt], None)
+    cache = model.init_cache(BATCH)
     size = sum(leaf.nbytes for leaf in jax.tree.leaves(cache))
-    pieces = [logits]
-    for position in range(prompt, ids.shape[1]):
-        logits, cache = _extend(model, ids[:, position:position + 1], cache)
+    pieces = []
+    if prompt:
+        logits, cache = _extend(model, ids[:, :prompt], None)
         pieces.append(logits)
+    for position in range(prompt, ids.shape[1], piece):
+        logits, cache = _extend(model, ids[:, position:position + piece], cache)
+        pieces.append(logits)
+        assert sum(leaf.nbytes for leaf in jax.tree.leaves(cache)) == size
     forward = _forward(model, ids)
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), forward, rtol=1e-5, atol=1e-5)
-    assert sum(leaf.nbytes for leaf in jax.tree.leaves(cache)) == size
 
 
 def test_generate_predicts_what_the_forward_predicts_at_every_position():

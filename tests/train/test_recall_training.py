@@ -117,18 +117,19 @@ def test_study_smoke_writes_results_with_every_family_section(data_dir, tmp_path
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
     import study
 
-    results = study.main(["--smoke", "--families=swa", "--out", str(tmp_path / "out"),
+    results = study.main(["--smoke", "--families=swa,ttt-e2e", "--out", str(tmp_path / "out"),
                           "--workdir", str(tmp_path / "runs"), "--data-dir", data_dir])
-    family = results["families"]["swa"]
-    assert [e["step"] for e in family["mqar"]["curve"]] == [2]
-    assert family["text"]["long_documents"]["length"] == 512
+    for family in results["families"].values():
+        assert [e["step"] for e in family["mqar"]["curve"]] == [2]
+        assert family["text"]["long_documents"]["length"] == 512
     page = (tmp_path / "out" / "RESULTS.md").read_text()
     for heading in ("## Multi-query associative recall", "## Loss by position on long documents",
                     "## Passkey and needle in a haystack"):
         assert heading in page
     assert (tmp_path / "out" / "study_mqar_curves.png").read_bytes()[:4] == b"\x89PNG"
     # Parameter matching picks the SwiGLU width that brings the count closest to attention's.
-    models = study.matched_families(study.SMOKE, ["attention", "ttt-mlp"])
+    models = study.matched_families(study.SMOKE, ["attention", "ttt-mlp", "ttt-e2e"])
     counts = {name: step.count_parameters(config) for name, config in models.items()}
     assert abs(counts["ttt-mlp"] / counts["attention"] - 1) < 0.05
+    assert abs(counts["ttt-e2e"] / counts["attention"] - 1) < 0.05
     assert models["attention"].mlp_hidden_size == study.SMOKE.mlp_hidden_size
