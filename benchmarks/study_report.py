@@ -204,11 +204,10 @@ def write(results: dict, directory: str) -> list[str]:
         lines += ["", "TTT-E2E is not in this run (`--families=...,ttt-e2e` adds it).", ""]
     lines += _mqar_section(results, budget) + _long_section(results, budget, directory)
     lines += _needle_section(results, budget, directory)
-    lines += ["## Not measured yet", "",
-              "- Sun et al. 2024 Table 1 ladder (linear attention -> batch GD with W0 = 0 -> learnable W0 -> LN "
-              "and residual in f -> mini-batch TTT -> learnable inner LR -> Mamba backbone): the switches exist "
-              "(`--model.ttt.inner-norm`, `learn-initial-weights`, `learn-inner-lr`, `learn-token-scale`, "
-              "`mini-batch-size`, `backbone`; configs/ttt.py), the rungs have not been trained yet.", ""]
+    lines += ["## Elsewhere", "",
+              "- The Table 1 ladder of Sun et al. 2024 at tiny scale: docs/LADDER.md (`benchmarks/ladder.py`).",
+              "- TTT-E2E against its sliding-window and full-attention baselines trained on the same tokens, loss by "
+              "position: docs/E2E_BASELINES.md.", ""]
     path = os.path.join(directory, "RESULTS.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
