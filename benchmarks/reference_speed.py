@@ -18,7 +18,6 @@ It needs only jax and flax, so it runs in this project's environment.
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ import sys
 import time
 import types
 
+from output import write_json
 from xla_cpu import with_reduce_workaround
 
 HIDDEN, HEADS, MINI_BATCH, REMAT_GROUP = 768, 12, 16, 4
@@ -144,10 +144,7 @@ def main(argv=None):
     print(f"smallest speed-up: {min(r['speedup'] for r in rows):.2f}x")
     result = dict(rows=rows, jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(),
                   load_average_end=os.getloadavg(), xla_flags=os.environ.get("XLA_FLAGS", ""), args=vars(args))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

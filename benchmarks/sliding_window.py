@@ -19,7 +19,6 @@ with respect to query, key and value. A configuration whose warm-up run takes ov
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,8 @@ from flax import nnx
 from ttt import configs
 from ttt.models import LM
 from ttt.models.sliding_window import sliding_window_attention
+
+from output import write_json
 
 MODEL = "hybrid-tiny"
 
@@ -154,10 +155,7 @@ def main(argv=None):
               "window": window, "load_average_after": os.getloadavg(), "jax": jax.__version__,
               "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "args": vars(args)}
     print(f"load average after: {os.getloadavg()[0]:.1f}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

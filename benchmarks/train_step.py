@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from output import write_json
 from xla_cpu import with_reduce_workaround
 
 PRESETS = ("transformer-125m", "ttt-linear-125m", "ttt-mlp-125m", "hybrid-swa-ttt-125m")
@@ -104,10 +105,8 @@ def main(argv=None):
             print(f"  {preset} at {seq}: {rows[-1].get('step_s', rows[-1].get('error'))}", flush=True)
     print_table(rows)
     result = {"rows": rows, "args": vars(args), "cpu_count": os.cpu_count(), "load_average_after": os.getloadavg()}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"load average after: {os.getloadavg()[0]:.1f}\nwrote {args.out}")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ It applies benchmarks/xla_cpu.py's setting (batch 1) unless `--no-xla-cpu-reduce
 
 import argparse
 import functools
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,7 @@ from flax import nnx
 import ttt
 from ttt import ops
 from ttt.configs import TTTLayerConfig
+from output import write_json
 from xla_cpu import with_reduce_workaround
 
 HIDDEN, HEADS, MINI_BATCH = 768, 12, 16
@@ -210,10 +210,7 @@ def main():
         result["mini_batch_rows"] = run_mini_batches(max(args.seqs), args.mini_batches, args.repeats,
                                                      result["matmul_gflops"])
     result.update(jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(), args=vars(args))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":
