@@ -96,7 +96,7 @@ def test_reset_at_documents_is_a_flag_and_needs_rows_of_whole_mini_batches():
 
     assert parse_train_args(["--data.reset-at-documents=True"]).data.reset_at_documents
     model = configs.get("ttt-linear-tiny")
-    with pytest.raises(ValueError, match="data.seq_len=30; expected a multiple of the model's mini_batch_size=16"):
+    with pytest.raises(ValueError, match="data.seq_len=30; expected a multiple of the model's ttt.mini_batch_size=16"):
         TrainConfig(model=model, data=DataConfig(reset_at_documents=True, seq_len=30))
     with pytest.raises(ValueError, match="data.reset_at_documents=True; expected False for TTT-E2E"):
         TrainConfig(model=model, data=DataConfig(reset_at_documents=True, source="mqar", seq_len=64))
