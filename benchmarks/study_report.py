@@ -19,14 +19,21 @@ LONG_PLOT = "study_long_documents.png"
 NEEDLE_PLOT = "study_{task}_accuracy.png"
 HEATMAP = "study_needle_heatmap_{family}.png"
 BASE_PRESET = "transformer-tiny"
+E2E_BASE_PRESET = "e2e-tiny"  # E2E cannot be switched on by flags: its family starts from its own preset
 SOLVED = 0.9  # "solves" a recall task: held-out accuracy at least this
 
 
 def model_flags(config: dict) -> str:
-    """The `--model.*` overrides of `BASE_PRESET` that give `config` (a ModelConfig as a dict, also one
-    saved with the flat field names of older versions)."""
-    config = dataclasses.asdict(model_from_json(config))
-    return " ".join(_changed_flags(config, dataclasses.asdict(configs.get(BASE_PRESET)), "model."))
+    """`--config=PRESET` and the `--model.*` overrides of it that give `config` (a ModelConfig as a dict, also
+    one saved with the flat field names of older versions); the preset is `BASE_PRESET`, or `E2E_BASE_PRESET`
+    for TTT-E2E."""
+    model = model_from_json(config)
+    base = BASE_PRESET if model.e2e is None else E2E_BASE_PRESET
+    flags = _changed_flags(dataclasses.asdict(model), dataclasses.asdict(configs.get(base)), "model.")
+    if model.stages != configs.get(base).stages:  # no flag sets stages; say which the run used
+        flags.append("(stages: " + ", ".join(f"{s.layer_pattern} x{s.repeats}" + (" with prime MLPs" if s.prime_mlp
+                                                                                  else "") for s in model.stages) + ")")
+    return " ".join([f"--config={base}"] + flags)
 
 
 def _changed_flags(config: dict, base: dict, prefix: str) -> list[str]:
@@ -192,16 +199,17 @@ def write(results: dict, directory: str) -> list[str]:
              f"Families share {budget['num_layers']} layers, width {budget['hidden_size']}, {budget['num_heads']} "
              f"heads, byte vocabulary 256, sliding window {budget['sliding_window']}; each SwiGLU width is chosen "
              "to bring the parameter count closest to the attention model's. `ttt-train` reproduces a family's "
-             "MQAR run (its final accuracy: `ttt-eval --checkpoint=WORKDIR`) with the flags below after "
-             f"`--config={BASE_PRESET} --data.source=mqar --data.seq-len={budget['mqar_length']} "
+             "MQAR run (its final accuracy: `ttt-eval --checkpoint=WORKDIR`) with the flags below and "
+             f"`--data.source=mqar --data.seq-len={budget['mqar_length']} "
              f"--data.num-pairs={budget['mqar_pairs']} --steps={budget['mqar_steps']} "
              f"--batch-size={budget['mqar_batch']} --optimizer.warmup-steps={min(30, budget['mqar_steps'] // 10)}`.",
              "", "| family | parameters | vs attention | model flags |", "|---|---|---|---|"]
     for name, result in families.items():
         lines.append(f"| {name} | {result['parameters']:,} | {result['parameters'] / target - 1:+.1%} | "
                      f"`{model_flags(result['config'])}` |")
+    lines.append("")
     if "ttt-e2e" not in families:
-        lines += ["", "TTT-E2E is not in this run (`--families=...,ttt-e2e` adds it).", ""]
+        lines += ["TTT-E2E is not in this run (`--families=...,ttt-e2e` adds it).", ""]
     lines += _mqar_section(results, budget) + _long_section(results, budget, directory)
     lines += _needle_section(results, budget, directory)
     lines += ["## Elsewhere", "",
