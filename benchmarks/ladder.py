@@ -9,7 +9,9 @@ sequence length) and scored by `ttt.train.evaluate.evaluate` on the same held-ou
 is "TTT equivalence", the TTT layer that equals causal linear attention (tests/ttt/test_ablations.py);
 each later rung turns on one ingredient more, and the last is the preset itself. Everything outside
 the TTT layers' switches is held fixed, the preset's residual pre-convolution of every block
-(`pre_conv=True`) included. Writes `ladder.json` and `ladder.png` under `--out`.
+(`pre_conv=True`) included. Writes `ladder.json` and `ladder.png` under `--out`, and when `--out`
+holds the study's results (study.json), rewrites its RESULTS.md with the ladder's section
+(benchmarks/ladder_report.py).
 """
 
 import argparse
@@ -33,9 +35,9 @@ from ttt.train.tokenizers import load_tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import study  # noqa: E402 (the script's own folder)
+from ladder_report import LADDER_JSON, LADDER_PLOT  # noqa: E402
 
 PRESET = "ttt-linear-tiny"
-LADDER_JSON, LADDER_PLOT = "ladder.json", "ladder.png"
 # Table 1, bottom up: (the paper's row, the switches this rung turns on, the paper's perplexity; 125M
 # parameters, Pile, 2K context). Linear attention itself (Katharopoulos et al.) scored 15.91 there;
 # its "improved" variant and the TTT layer equivalent to it both 15.23. A learned per-position scale
@@ -50,7 +52,7 @@ RUNGS = (
     ("+ Mamba backbone", dict(backbone="mamba"), 11.09),
 )
 # The budget of docs/RESULTS.md: study.Budget's text fields (the rest of it is not used here).
-BUDGET = dataclasses.replace(study.Budget(), text_steps=200, text_batch=8, text_seq_len=256)
+BUDGET = dataclasses.replace(study.Budget(), text_steps=80, text_batch=8, text_seq_len=256)
 SMOKE = study.SMOKE
 SMOKE_MODEL = dict(hidden_size=32, num_layers=2, mlp_hidden_size=64)
 HELD_OUT_DOCUMENTS = {"full": 256, "smoke": 8}
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
     with open(os.path.join(args.out, LADDER_JSON), "w") as f:
         json.dump(results, f, indent=2)
     write_plot(results, args.out)
+    if os.path.exists(os.path.join(args.out, study.STUDY_JSON)):
+        study.main(["--report-only", "--out", args.out])
     print_table(results)
     return results
 

@@ -14,6 +14,8 @@ from ttt.configs.model import from_json as model_from_json
 from ttt.train import long_documents, recall
 from ttt.train.plots import save_line_plot
 
+import ladder_report  # the script folder's own module (study.py puts it on sys.path)
+
 MQAR_PLOT = "study_mqar_curves.png"
 LONG_PLOT = "study_long_documents.png"
 NEEDLE_PLOT = "study_{task}_accuracy.png"
@@ -212,9 +214,14 @@ def write(results: dict, directory: str) -> list[str]:
         lines += ["TTT-E2E is not in this run (`--families=...,ttt-e2e` adds it).", ""]
     lines += _mqar_section(results, budget) + _long_section(results, budget, directory)
     lines += _needle_section(results, budget, directory)
-    lines += ["## Elsewhere", "",
-              "- The Table 1 ladder of Sun et al. 2024 at tiny scale: docs/LADDER.md (`benchmarks/ladder.py`).",
-              "- TTT-E2E against its sliding-window and full-attention baselines trained on the same tokens, loss by "
+    ladder = ladder_report.load(directory)
+    if ladder is not None:
+        lines += ladder_report.section(ladder)
+    lines += ["## Elsewhere", ""]
+    if ladder is None:
+        lines.append("- Sun et al. 2024 Table 1 ladder: `python benchmarks/ladder.py --out DIR` trains its rungs "
+                     "and adds its section here (DIR holding ladder.json).")
+    lines += ["- TTT-E2E against its sliding-window and full-attention baselines trained on the same tokens, loss by "
               "position: docs/E2E_BASELINES.md.", ""]
     path = os.path.join(directory, "RESULTS.md")
     with open(path, "w") as f:

@@ -10,6 +10,7 @@ from ttt import configs
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 import ladder  # noqa: E402
+import ladder_report  # noqa: E402
 
 
 def _differences(a, b) -> dict:
@@ -41,3 +42,6 @@ def test_smoke_writes_every_rung_with_a_finite_held_out_loss(data_dir, tmp_path)
         assert rung["held_out"]["documents"] > 0
     assert results["budget"]["text_steps"] == ladder.SMOKE.text_steps
     assert (out / ladder.LADDER_PLOT).read_bytes()[:4] == b"\x89PNG"
+    lines = ladder_report.section(ladder_report.load(str(out)))
+    assert lines[0] == ladder_report.HEADING
+    assert sum(line.startswith(f"| {index}. ") for index in range(1, 7) for line in lines) == 6
