@@ -1,7 +1,7 @@
 """The study: every tiny family trained the same way, then scored on recall and on long documents.
 
     python benchmarks/study.py                      # the budget of docs/RESULTS.md (about 30 min on 2 CPU cores)
-    python benchmarks/study.py --smoke --out /tmp/s # about a minute: tiny models, a few steps (the tests run it)
+    python benchmarks/study.py --smoke --out /tmp/s # a few minutes: tiny models, a few steps (the tests run it)
 
 Families (attention, sliding-window attention only, TTT-Linear, TTT-MLP, the SWA/TTT hybrid) share
 depth, width, heads and vocabulary; each family's SwiGLU width is chosen so that its parameter
