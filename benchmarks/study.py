@@ -197,7 +197,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data-dir", default="", help="where the text dataset is built ('': the default cache)")
     parser.add_argument("--families", default=",".join(available_families()),
                         help=f"comma-separated subset of {available_families()}")
-    parser.add_argument("--smoke", action="store_true", help="tiny models and a few steps (about a minute)")
+    parser.add_argument("--smoke", action="store_true", help="tiny models and a few steps (a few minutes)")
     parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the plots from study.json")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.families.split(",")) - set(available_families()))
