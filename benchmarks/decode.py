@@ -67,7 +67,7 @@ def prepare(name: str, context: int, steps: int, repeats: int):
     if "attention" in config.mixers:
         # The baseline KV cache is allocated for the context at hand plus the timed tokens.
         config = dataclasses.replace(config, max_seq_len=context + steps * (repeats + 1))
-    for length in (config.ttt.mini_batch_size, config.sliding_window or 1):
+    for length in (config.ttt.mini_batch_size, config.attention.sliding_window or 1):
         if context % length or PREFIX % length:
             raise ValueError(f"context {context} and prefix {PREFIX} must be multiples of {length} for {name}")
     graphdef, params = nnx.split(LM(config, rngs=nnx.Rngs(0)))

@@ -132,7 +132,8 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results/sliding_window.json")
     args = parser.parse_args(argv)
     config = configs.get(MODEL)
-    heads, kv_heads, head_dim, window = config.num_heads, config.kv_heads, config.head_dim, config.sliding_window
+    heads, kv_heads, head_dim = config.num_heads, config.kv_heads, config.head_dim
+    window = config.attention.sliding_window
 
     def shapes(seq):
         return (1, seq, heads, head_dim), (1, seq, kv_heads, head_dim), (1, seq, kv_heads, head_dim)

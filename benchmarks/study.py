@@ -96,7 +96,8 @@ def family_config(name: str, budget: Budget, mlp_hidden_size: int) -> configs.Mo
     return configs.ModelConfig(
         vocab_size=256, num_layers=budget.num_layers, hidden_size=budget.hidden_size, num_heads=budget.num_heads,
         mlp_hidden_size=mlp_hidden_size, max_seq_len=_max_seq_len(budget),
-        sliding_window=budget.sliding_window if "swa" in fields["layer_pattern"] else None, **fields)
+        attention=configs.AttentionConfig(sliding_window=budget.sliding_window if "swa" in fields["layer_pattern"]
+                                          else None), **fields)
 
 
 def e2e_config(budget: Budget, mlp_hidden_size: int) -> configs.ModelConfig:
@@ -107,7 +108,8 @@ def e2e_config(budget: Budget, mlp_hidden_size: int) -> configs.ModelConfig:
     return configs.get(E2E_PRESET, num_layers=budget.num_layers, hidden_size=budget.hidden_size,
                        num_heads=budget.num_heads, mlp_hidden_size=mlp_hidden_size,
                        stages=e2e_stages(budget.num_layers, max(1, budget.num_layers // 4)),
-                       sliding_window=budget.sliding_window, max_seq_len=_max_seq_len(budget),
+                       attention=dataclasses.replace(preset.attention, sliding_window=budget.sliding_window),
+                       max_seq_len=_max_seq_len(budget),
                        e2e=dataclasses.replace(preset.e2e, chunk_size=min(preset.e2e.chunk_size, budget.sliding_window)))
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Literal
 
+from ttt.configs.attention import AttentionConfig
 from ttt.configs.e2e import E2EConfig
 from ttt.configs.ttt import TTTConfig
 from ttt.configs.ttt_layer import TTTLayerConfig
@@ -52,13 +53,13 @@ class ModelConfig:
       num_layers: number of blocks; a multiple of the pattern length (layers are stacked and
         scanned one pattern repetition at a time).
       num_heads: attention heads, and TTT heads of the TTT mixers.
-      num_kv_heads: key/value heads of attention (grouped-query attention); None means num_heads.
       mlp_hidden_size: hidden width of the SwiGLU MLP.
       layer_pattern: comma-separated mixers out of `attention` (full causal), `swa` (sliding
         window), `ttt_linear`, `ttt_mlp`, e.g. `"swa,swa,swa,ttt_mlp"`.
       stages: the stages bottom to top, when the model is more than one pattern repeated (then
         `layer_pattern` is unused and `num_layers` must be their total); empty means one stage.
-      sliding_window: keys seen by a `swa` query, itself included (required when the pattern has `swa`).
+      attention: the attention layers (grouped-query heads, the window of `swa` layers, QK-norm;
+        configs/attention.py).
       max_seq_len: length of the preallocated KV cache of full-attention layers (the most tokens a
         model with `attention` layers can decode); TTT and `swa` layers have no such limit.
       tie_embeddings: logits use the transposed input embedding instead of a separate head.
@@ -69,7 +70,6 @@ class ModelConfig:
         (2i, 2i + 1, as the reference code of Sun et al. 2024 does; for converted checkpoints).
       pre_conv: every block starts with `x + conv(RMSNorm(x))`, a causal depthwise convolution of
         width `ttt.conv_kernel` with bias (the "Mamba backbone" blocks of Sun et al. 2024's configs).
-      qk_norm: RMSNorm over head_dim on attention queries and keys.
       post_norm: an RMSNorm also on the output of every mixer and MLP before it joins the residual
         (the "sandwich" blocks of the TTT-E2E configs, which set both pre- and post-norms).
       e2e: TTT-E2E (Tandon et al. 2025, configs/e2e.py) when set: the stages from the first one
@@ -89,17 +89,15 @@ class ModelConfig:
     num_layers: int
     num_heads: int
     mlp_hidden_size: int
-    num_kv_heads: int | None = None
     layer_pattern: str = "attention"
     stages: tuple[StageConfig, ...] = ()
-    sliding_window: int | None = None
+    attention: AttentionConfig = AttentionConfig()
     max_seq_len: int = 2048
     tie_embeddings: bool = True
     ttt: TTTConfig = TTTConfig()
     rope_theta: float = 10000.0
     rope_pairing: Literal["half", "interleaved"] = "half"
     pre_conv: bool = False
-    qk_norm: bool = False
     post_norm: bool = False
     e2e: E2EConfig | None = None
     norm_eps: float = 1e-6
@@ -113,6 +111,8 @@ class ModelConfig:
         # Nested configs read back from JSON (a checkpoint's config) arrive as dicts.
         object.__setattr__(self, "stages", tuple(s if isinstance(s, StageConfig) else StageConfig(**s)
                                                  for s in self.stages))
+        if isinstance(self.attention, dict):
+            object.__setattr__(self, "attention", AttentionConfig(**self.attention))
         if isinstance(self.ttt, dict):
             object.__setattr__(self, "ttt", TTTConfig(**self.ttt))
         if isinstance(self.e2e, dict):
@@ -124,7 +124,8 @@ class ModelConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.num_heads % self.kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of attention.num_kv_heads="
+                             f"{self.attention.num_kv_heads}")
         for stage in self.stages or (StageConfig(self.layer_pattern, 1),):
             unknown = [m for m in stage.pattern if m not in MIXERS]
             if unknown or not stage.pattern:
@@ -138,8 +139,8 @@ class ModelConfig:
         if not self.stages and self.num_layers % len(self.pattern):
             raise ValueError(f"num_layers={self.num_layers} is not a multiple of the {len(self.pattern)} layers of "
                              f"layer_pattern={self.layer_pattern!r}")
-        if "swa" in self.mixers and (self.sliding_window is None or self.sliding_window < 1):
-            raise ValueError(f"sliding_window={self.sliding_window} with layer_pattern={self.layer_pattern!r}; "
+        if "swa" in self.mixers and self.attention.sliding_window is None:
+            raise ValueError(f"attention.sliding_window=None with layer_pattern={self.layer_pattern!r}; "
                              "a positive window is required for 'swa' layers")
         if self.rope_pairing not in ("half", "interleaved"):
             raise ValueError(f"rope_pairing={self.rope_pairing!r}; expected 'half' or 'interleaved'")
@@ -150,9 +151,9 @@ class ModelConfig:
             raise ValueError(f"remat={self.remat!r}; expected a bool or one of {REMAT_POLICIES}")
         # A TTT-E2E chunk is scored before its own inner step, so each of its tokens must still see the
         # whole chunk before it through attention (Tandon et al. 2025 require window >= chunk).
-        if self.e2e is not None and "swa" in self.mixers and self.sliding_window < self.e2e.chunk_size:
-            raise ValueError(f"sliding_window={self.sliding_window} is smaller than e2e.chunk_size="
-                             f"{self.e2e.chunk_size}; TTT-E2E needs a window of at least one chunk")
+        if self.e2e is not None and "swa" in self.mixers and self.attention.sliding_window < self.e2e.chunk_size:
+            raise ValueError(f"attention.sliding_window={self.attention.sliding_window} is smaller than "
+                             f"e2e.chunk_size={self.e2e.chunk_size}; TTT-E2E needs a window of at least one chunk")
 
     @property
     def head_dim(self) -> int:
@@ -160,8 +161,8 @@ class ModelConfig:
 
     @property
     def kv_heads(self) -> int:
-        """Key/value heads of attention layers (num_kv_heads, defaulting to num_heads)."""
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+        """Key/value heads of attention layers (attention.num_kv_heads, defaulting to num_heads)."""
+        return self.num_heads if self.attention.num_kv_heads is None else self.attention.num_kv_heads
 
     @property
     def pattern(self) -> tuple[str, ...]:
@@ -214,8 +215,9 @@ class ModelConfig:
         )
 
 
-# Flat fields of configs saved before the TTT and TTT-E2E settings were nested: old name -> new name
-# inside `ttt` / `e2e`.
+# Flat fields of configs saved before the attention, TTT and TTT-E2E settings were nested: old name ->
+# new name inside `attention` / `ttt` / `e2e`.
+LEGACY_ATTENTION_FIELDS = {"num_kv_heads": "num_kv_heads", "sliding_window": "sliding_window", "qk_norm": "qk_norm"}
 LEGACY_TTT_FIELDS = {"mini_batch_size": "mini_batch_size", "backbone": "backbone",
                      "ttt_linear_base_lr": "linear_base_lr", "ttt_mlp_base_lr": "mlp_base_lr", "ttt_form": "form",
                      "ttt_remat_group_size": "remat_group_size", "conv_kernel": "conv_kernel"}
@@ -225,10 +227,14 @@ LEGACY_E2E_FIELDS = {"e2e_chunk_size": "chunk_size", "e2e_inner_lr": "inner_lr",
 
 def from_json(data: dict) -> ModelConfig:
     """The ModelConfig of its JSON form (`dataclasses.asdict`), also when saved with the old flat field
-    names (`LEGACY_TTT_FIELDS`, `LEGACY_E2E_FIELDS`; `e2e_chunk_size=None` means no TTT-E2E)."""
+    names (`LEGACY_ATTENTION_FIELDS`, `LEGACY_TTT_FIELDS`, `LEGACY_E2E_FIELDS`; `e2e_chunk_size=None` means
+    no TTT-E2E)."""
     data = dict(data)
+    legacy_attention = {new: data.pop(old) for old, new in LEGACY_ATTENTION_FIELDS.items() if old in data}
     legacy_ttt = {new: data.pop(old) for old, new in LEGACY_TTT_FIELDS.items() if old in data}
     legacy_e2e = {new: data.pop(old) for old, new in LEGACY_E2E_FIELDS.items() if old in data}
+    if legacy_attention:
+        data["attention"] = {**data.get("attention", {}), **legacy_attention}
     if legacy_ttt:
         data["ttt"] = {**data.get("ttt", {}), **legacy_ttt}
     if legacy_e2e.get("chunk_size") is not None:

@@ -8,6 +8,7 @@ width, vocabulary, tied embeddings) and the parameter counts are whatever those 
 
 import dataclasses
 
+from ttt.configs.attention import AttentionConfig
 from ttt.configs.e2e import E2EConfig
 from ttt.configs.model import ModelConfig, StageConfig
 from ttt.configs.ttt import TTTConfig
@@ -36,7 +37,8 @@ FAMILIES = {
     "ttt-mlp": dict(layer_pattern="ttt_mlp", ttt=PAPER_TTT, pre_conv=True),
     "ttt-linear-transformer-backbone": dict(layer_pattern="ttt_linear", ttt=TRANSFORMER_BACKBONE_TTT, pre_conv=True),
     "ttt-mlp-transformer-backbone": dict(layer_pattern="ttt_mlp", ttt=TRANSFORMER_BACKBONE_TTT, pre_conv=True),
-    "hybrid-swa-ttt": dict(layer_pattern=HYBRID_PATTERN, sliding_window=HYBRID_WINDOW, ttt=PAPER_TTT),
+    "hybrid-swa-ttt": dict(layer_pattern=HYBRID_PATTERN, attention=AttentionConfig(sliding_window=HYBRID_WINDOW),
+                           ttt=PAPER_TTT),
 }
 TINY = dict(vocab_size=256, num_layers=4, hidden_size=128, num_heads=4, mlp_hidden_size=384,
             max_seq_len=2048, ttt=PAPER_TTT)
@@ -44,7 +46,7 @@ TINY_FAMILIES = {
     "transformer-tiny": dict(layer_pattern="attention"),
     "ttt-linear-tiny": dict(layer_pattern="ttt_linear", pre_conv=True),
     "ttt-mlp-tiny": dict(layer_pattern="ttt_mlp", pre_conv=True),
-    "hybrid-tiny": dict(layer_pattern=HYBRID_PATTERN, sliding_window=TINY_WINDOW),
+    "hybrid-tiny": dict(layer_pattern=HYBRID_PATTERN, attention=AttentionConfig(sliding_window=TINY_WINDOW)),
 }
 
 
@@ -61,14 +63,14 @@ E2E_SIZES = {
 }
 # Fields of every E2E-family preset: Llama-3 vocabulary, QK-norm, pre- and post-norms, RoPE base 5e5
 # rotating interleaved pairs (complex multiplication, as the paper's code does), 8K training length.
-E2E_COMMON = dict(vocab_size=128256, tie_embeddings=True, qk_norm=True, post_norm=True, rope_theta=500000.0,
-                  rope_pairing="interleaved", max_seq_len=8192, sliding_window=8192)
+E2E_COMMON = dict(vocab_size=128256, tie_embeddings=True, attention=AttentionConfig(sliding_window=8192, qk_norm=True),
+                  post_norm=True, rope_theta=500000.0, rope_pairing="interleaved", max_seq_len=8192)
 E2E_CHUNK = 1024
 # Tiny E2E family for CPU: 256-token rows read in 8 chunks of 32 through a window of 64; the MLP
 # shrunk from 384 as the paper does (4 MLPs' worth of parameters over 5 MLPs, rounded up to 32).
 E2E_TINY = dict(vocab_size=256, num_layers=4, hidden_size=128, num_heads=4, max_seq_len=2048,
-                tie_embeddings=True, qk_norm=True, post_norm=True, rope_theta=500000.0,
-                rope_pairing="interleaved", sliding_window=64)
+                tie_embeddings=True, attention=AttentionConfig(sliding_window=64, qk_norm=True), post_norm=True,
+                rope_theta=500000.0, rope_pairing="interleaved")
 E2E_TINY_MLP, E2E_TINY_SHRUNK_MLP, E2E_TINY_CHUNK, E2E_TINY_FAST_BLOCKS = 384, 320, 32, 1
 
 

@@ -84,7 +84,7 @@ class Attention(nnx.Module):
                                 kernel_init=normal_init(config, ("embed", "kv_heads", "head_dim")), **einsum)
         self.out = nnx.Einsum("bthk,hkd->btd", (heads, head_dim, width),
                               kernel_init=normal_init(config, ("heads", "head_dim", "embed")), **einsum)
-        if config.qk_norm:
+        if config.attention.qk_norm:
             self.query_norm = rms_norm(config, head_dim, "head_dim", rngs=rngs)
             self.key_norm = rms_norm(config, head_dim, "head_dim", rngs=rngs)
         else:

@@ -40,7 +40,7 @@ def describe(name: str) -> str:
     if any(mixer.startswith("ttt") for mixer in config.mixers):
         lines.append(f"ttt:             {config.ttt.backbone} backbone, mini-batch {config.ttt.mini_batch_size}")
     if "swa" in config.mixers:
-        lines.append(f"sliding window:  {config.sliding_window}")
+        lines.append(f"sliding window:  {config.attention.sliding_window}")
     if config.e2e is not None:
         lines.append(f"ttt-e2e:         chunk {config.e2e.chunk_size}, inner SGD lr {config.e2e.inner_lr} clipped at "
                      f"global norm {config.e2e.inner_clip}, fast weights /{config.e2e.fast_params}/")

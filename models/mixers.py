@@ -17,7 +17,7 @@ from ttt.models.attention import Attention
 
 BUILDERS: dict[str, Callable[[ModelConfig, nnx.Rngs], nnx.Module]] = {
     "attention": lambda config, rngs: Attention(config, window=None, rngs=rngs),
-    "swa": lambda config, rngs: Attention(config, window=config.sliding_window, rngs=rngs),
+    "swa": lambda config, rngs: Attention(config, window=config.attention.sliding_window, rngs=rngs),
     "ttt_linear": lambda config, rngs: ttt.TTTLayer(config.ttt_layer_config("ttt_linear"), rngs=rngs),
     "ttt_mlp": lambda config, rngs: ttt.TTTLayer(config.ttt_layer_config("ttt_mlp"), rngs=rngs),
 }

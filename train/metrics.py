@@ -41,7 +41,7 @@ def training_flops_per_token(config: ModelConfig, num_params: int, seq_len: int)
     forward = 0.0
     for mixer in config.mixers:
         if mixer in ("attention", "swa"):
-            keys = seq_len / 2 if mixer == "attention" else min(config.sliding_window, seq_len)
+            keys = seq_len / 2 if mixer == "attention" else min(config.attention.sliding_window, seq_len)
             forward += 2 * 2 * keys * config.hidden_size  # q.k scores and the weighted sum of v
         else:
             forward += _ttt_forward_flops_per_token(config, mixer)

@@ -67,7 +67,7 @@ def test_every_preset_counts_as_the_sum_of_its_layers(name):
     config = configs.get(name)
     mixer_counts = {
         "attention": lambda: Attention(config, window=None, rngs=nnx.Rngs(0)),
-        "swa": lambda: Attention(config, window=config.sliding_window, rngs=nnx.Rngs(0)),
+        "swa": lambda: Attention(config, window=config.attention.sliding_window, rngs=nnx.Rngs(0)),
         "ttt_linear": lambda: ttt.TTTLayer(config.ttt_layer_config("ttt_linear"), rngs=nnx.Rngs(0)),
         "ttt_mlp": lambda: ttt.TTTLayer(config.ttt_layer_config("ttt_mlp"), rngs=nnx.Rngs(0)),
     }
@@ -146,5 +146,5 @@ def test_e2e_presets_count_and_match_their_baselines(size):
         layers, width, heads, mlp, shrunk, blocks = E2E_SHAPES[size]
         assert (e2e.num_layers, e2e.hidden_size, e2e.num_heads, e2e.mlp_hidden_size, fast_blocks) == (
             layers, width, heads, shrunk, blocks)
-        assert (full.mlp_hidden_size, e2e.sliding_window, e2e.e2e.chunk_size, e2e.vocab_size) == (
+        assert (full.mlp_hidden_size, e2e.attention.sliding_window, e2e.e2e.chunk_size, e2e.vocab_size) == (
             mlp, 8192, 1024, 128256)

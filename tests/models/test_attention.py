@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt.configs import ModelConfig
+from ttt.configs import AttentionConfig, ModelConfig
 from ttt.models.attention import Attention, causal_attention
 from ttt.rope import rotary_embedding
 
@@ -62,9 +62,10 @@ def test_rotary_embedding_is_a_rotation_by_relative_position():
 def test_attention_token_by_token_and_in_pieces_equals_full_forward(window, qk_norm):
     """Read 6 tokens, then 7 more one at a time (past the window: the ring buffer wraps around);
     separately read 3, then 4, then 6 tokens from the cache (pieces longer than the window)."""
-    config = ModelConfig(vocab_size=16, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                         mlp_hidden_size=32, layer_pattern="swa" if window else "attention", sliding_window=window,
-                         max_seq_len=16, qk_norm=qk_norm)
+    config = ModelConfig(vocab_size=16, hidden_size=32, num_layers=1, num_heads=4, mlp_hidden_size=32,
+                         layer_pattern="swa" if window else "attention",
+                         attention=AttentionConfig(num_kv_heads=2, sliding_window=window, qk_norm=qk_norm),
+                         max_seq_len=16)
     attention = Attention(config, window=window, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 13, 32))
     extend = nnx.jit(lambda module, x, state: module.extend(x, state))

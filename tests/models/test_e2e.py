@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt.configs import E2EConfig, ModelConfig
+from ttt.configs import AttentionConfig, E2EConfig, ModelConfig
 from ttt.configs.model import StageConfig
 from ttt.configs.train import TrainConfig, DataConfig
 from ttt.context import Context
@@ -26,8 +26,9 @@ def make_config(e2e: dict | None = None, **overrides) -> ModelConfig:
     """Two sliding-window blocks, the second with a prime MLP (the suffix); chunks of 4 through a window of 8.
     `e2e` replaces fields of the E2EConfig, the other overrides fields of the ModelConfig."""
     fields = dict(vocab_size=32, hidden_size=16, num_layers=2, num_heads=2, mlp_hidden_size=24,
-                  stages=(StageConfig("swa", 1), StageConfig("swa", 1, prime_mlp=True)), sliding_window=8,
-                  qk_norm=True, post_norm=True, rope_pairing="interleaved", init_std=0.2,
+                  stages=(StageConfig("swa", 1), StageConfig("swa", 1, prime_mlp=True)),
+                  attention=AttentionConfig(sliding_window=8, qk_norm=True), post_norm=True,
+                  rope_pairing="interleaved", init_std=0.2,
                   e2e=E2EConfig(**{**dict(chunk_size=CHUNK, inner_lr=1.0, inner_clip=0.5), **(e2e or {})}))
     return ModelConfig(**{**fields, **overrides})
 
@@ -189,7 +190,7 @@ def test_reading_changes_only_the_fast_weights_and_leaves_the_model_bitwise_unch
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(sliding_window=2), "smaller than e2e.chunk_size"),
+    (dict(attention=AttentionConfig(sliding_window=2, qk_norm=True)), "smaller than e2e.chunk_size"),
     (dict(e2e=dict(fast_params="no_such_parameter")), "matches no parameter"),
     (dict(e2e=dict(fast_params="embed")), "outside the stages"),
     (dict(stages=(StageConfig("swa", 1), StageConfig("swa", 1))), "matches no parameter"),  # no prime MLP

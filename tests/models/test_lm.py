@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ttt.configs import ModelConfig, TTTConfig
+from ttt.configs import AttentionConfig, ModelConfig, TTTConfig
 from ttt.context import Context
 from ttt.models import LM, generate
 
 WINDOW, MINI_BATCH = 5, 4
-BASE = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_hidden_size=48,
-                   sliding_window=WINDOW, ttt=TTTConfig(mini_batch_size=MINI_BATCH), max_seq_len=32, loss_chunk_size=5)
+BASE = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, mlp_hidden_size=48,
+                   attention=AttentionConfig(num_kv_heads=2, sliding_window=WINDOW),
+                   ttt=TTTConfig(mini_batch_size=MINI_BATCH), max_seq_len=32, loss_chunk_size=5)
 PATTERNS = {
     "attention": "attention",
     "swa": "swa",
@@ -195,8 +196,8 @@ def test_stacked_parameters_carry_the_layers_axis_under_a_mesh():
 @pytest.mark.parametrize("field, value, message", [
     ("layer_pattern", "attention,mamba", "unknown mixers"),
     ("layer_pattern", "attention,swa,swa", "not a multiple"),
-    ("sliding_window", None, "positive window"),
-    ("num_kv_heads", 3, "multiple of num_kv_heads"),
+    ("attention", AttentionConfig(num_kv_heads=2), "positive window"),
+    ("attention", AttentionConfig(num_kv_heads=3, sliding_window=WINDOW), "multiple of attention.num_kv_heads"),
     ("remat", "sometimes", "remat="),
 ])
 def test_bad_config_is_rejected(field, value, message):

@@ -16,9 +16,11 @@ MICRO_MODEL = dataclasses.replace(configs.get("hybrid-tiny"), hidden_size=32, nu
                                   mlp_hidden_size=64, max_seq_len=256)
 # TTT-E2E shrunk the same way: a sliding-window block, then one with a prime MLP (the suffix), reading
 # chunks of 4 through a window of 8.
-MICRO_E2E_MODEL = dataclasses.replace(configs.get("e2e-tiny"), hidden_size=32, num_heads=4, num_layers=2,
+E2E_TINY_PRESET = configs.get("e2e-tiny")
+MICRO_E2E_MODEL = dataclasses.replace(E2E_TINY_PRESET, hidden_size=32, num_heads=4, num_layers=2,
                                       stages=e2e_stages(2, 1), mlp_hidden_size=64, max_seq_len=256,
-                                      sliding_window=8, e2e=dataclasses.replace(configs.get("e2e-tiny").e2e, chunk_size=4))
+                                      attention=dataclasses.replace(E2E_TINY_PRESET.attention, sliding_window=8),
+                                      e2e=dataclasses.replace(E2E_TINY_PRESET.e2e, chunk_size=4))
 # The same run as command-line overrides of the hybrid-tiny preset.
 MICRO_FLAGS = ["--config=hybrid-tiny", "--model.hidden-size=32", "--model.num-layers=2",
                "--model.mlp-hidden-size=64", "--model.max-seq-len=256", "--batch-size=8", "--data.seq-len=32",

@@ -23,6 +23,13 @@ def test_preset_and_overrides_reach_the_config():
     assert config.evaluate is False and config.optimizer.learning_rate == 1e-4
 
 
+def test_nested_attention_flags_reach_the_config():
+    config = cli.parse_train_args(["--config=hybrid-tiny", "--model.attention.sliding-window=32",
+                                   "--model.attention.num-kv-heads=2", "--model.attention.qk-norm=True"])
+    assert config.model.attention == configs.AttentionConfig(num_kv_heads=2, sliding_window=32, qk_norm=True)
+    assert config.model.kv_heads == 2
+
+
 def test_nested_ttt_and_e2e_flags_reach_the_config():
     config = cli.parse_train_args(["--config=ttt-linear-tiny", "--model.ttt.mini-batch-size=8",
                                    "--model.ttt.backbone=transformer", "--model.ttt.inner-norm=False",

@@ -20,7 +20,8 @@ from ttt.train.tokenizers import ByteTokenizer
 
 # Every layer learns while it reads (one TTT-Linear, one TTT-MLP block, both with the pre-convolution):
 # reading continues exactly across calls.
-TTT_MODEL = dataclasses.replace(MICRO_MODEL, layer_pattern="ttt_linear,ttt_mlp", sliding_window=None,
+TTT_MODEL = dataclasses.replace(MICRO_MODEL, layer_pattern="ttt_linear,ttt_mlp",
+                                attention=dataclasses.replace(MICRO_MODEL.attention, sliding_window=None),
                                 pre_conv=True)
 PIECE = 16  # = the mini-batch size; the reads below use pieces of 16 and 5 tokens only
 
