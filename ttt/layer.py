@@ -121,9 +121,9 @@ class TTTLayer(nnx.Module):
             state["conv"] = next_history(history, qk, starts)
         else:
             q, k = self.q_proj(x), self.k_proj(x)
-        position = state["ttt"]["position"]
-        q, k, v, eta = self._finish_projection(x, q, k, (position + jnp.arange(seq_len)) % self.config.mini_batch_size,
-                                               context.inner_lr_scale)
+        with jax.ensure_compile_time_eval():
+            positions = (state["ttt"]["position"] + jnp.arange(seq_len)) % self.config.mini_batch_size
+        q, k, v, eta = self._finish_projection(x, q, k, positions, context.inner_lr_scale)
         c = self.config
         inner_ln = (self.inner_ln_weight[...], self.inner_ln_bias[...]) if c.inner_norm else (None, None)
         inner = dict(ln_weight=inner_ln[0], ln_bias=inner_ln[1], mini_batch_size=c.mini_batch_size,
