@@ -36,7 +36,7 @@ def extend(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, *, mini_b
     """Inner-model outputs g(q_t; theta_t) of T tokens read from `state`, and the state after them.
 
     Returns:
-      inner_out: [B, H, T, d] (the layer output is `q + LN(inner_out)`).
+      inner_out: token-major [B, T, H, d] (the layer output is `q + LN(inner_out)`).
       state: the decode state after the last token.
     """
     b, seq_len = mini_batch_size, q.shape[2]
@@ -70,7 +70,8 @@ def extend(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, *, mini_b
     completed = rest >= 0
     params = jax.tree.map(lambda new, old: jnp.where(completed, new, old), params, state["params"])
     grad_sum = jax.tree.map(lambda new, old: jnp.where(completed, new, old), grad_sum, last_sum)
-    inner_out = jax.lax.dynamic_slice_in_dim(jnp.concatenate([head_out, rest_out], axis=2), position, seq_len, axis=2)
+    inner_out = jnp.concatenate([mini_batch.heads_first(head_out), rest_out], axis=1)
+    inner_out = jax.lax.dynamic_slice_in_dim(inner_out, position, seq_len, axis=1)
     return inner_out, _state(params, grad_sum, (position + seq_len) % b)
 
 
@@ -84,11 +85,12 @@ def whole_mini_batches(model: InnerModel, q, k, v, eta, params, num_real, ln_wei
     document (`document_starts` [B, T] or None) starts from `initial_params`.
 
     Returns:
-      inner_out: [B, H, T, d]; params: weights at the start of the partial mini-batch; grad_sum.
+      inner_out: token-major [B, T, H, d]; params: weights at the start of the partial mini-batch; grad_sum.
     """
     b, seq_len = mini_batch_size, q.shape[2]
     _, padded = mini_batch.num_mini_batches(seq_len, b, remat_group_size)
-    q_mb, k_mb, v_mb, eta_mb = (mini_batch.split(x, b, padded) for x in (q, k, v, eta))
+    q_mb, k_mb, v_mb = (mini_batch.split_tokens(x, b, padded) for x in (q, k, v))
+    eta_mb = mini_batch.split(eta, b, padded)
     coeff = mini_batch.causal_coefficients(eta_mb, token_scale)
     whole = (jnp.arange(padded) + 1) * b <= num_real
     update = jnp.where(whole[:, None, None, None], token_scale[-1] * eta_mb, 0.0)
@@ -97,10 +99,10 @@ def whole_mini_batches(model: InnerModel, q, k, v, eta, params, num_real, ln_wei
                                              ln_bias, min(remat_group_size, padded), restart_flags, initial_params)
 
     partial = jnp.clip(jnp.asarray(num_real) // b, 0, padded - 1)
-    grads = token_grads(model, params, k_mb[partial], v_mb[partial], ln_weight, ln_bias)
+    grads = token_grads(model, params, *(mini_batch.heads_first(x[partial]) for x in (k_mb, v_mb)), ln_weight, ln_bias)
     has_partial = jnp.asarray(num_real) % b > 0
     grad_sum = jax.tree.map(lambda g: jnp.where(has_partial, _weighted_sum(eta_mb[partial], g), 0.0), grads)
-    return mini_batch.merge(inner_out, seq_len), params, grad_sum
+    return mini_batch.merge_tokens(inner_out, seq_len), params, grad_sum
 
 
 def token_grads(model: InnerModel, params, k, v, ln_weight, ln_bias):

@@ -5,8 +5,9 @@ weights minus a causal, coefficient-weighted attention over the inner gradients 
 section 2.7). Everything that does not depend on the fast weights (q.k^T, coefficient masks) is
 computed for all mini-batches at once, outside the sequential scan.
 
-Shapes inside a scan step: q, k, target: [batch, heads, b, d]; coeff: [batch, heads, b, b];
-update: [batch, heads, b]; ln_weight, ln_bias: [heads, 1, d] or None.
+`prepare` reads token-major mini-batches [num, batch, b, heads, d] (mini_batch.split_tokens); inside a
+scan step (after mini_batch.scan_form's transpose) q, k, target: [batch, heads, b, d]; coeff:
+[batch, heads, b, b]; update: [batch, heads, b]; ln_weight, ln_bias: [heads, 1, d] or None.
 """
 
 import jax
@@ -18,7 +19,7 @@ from ttt.layer_norm import reconstruction_grad
 
 def prepare(q, k, v, coeff, update):
     """Scan inputs for both dual forms; the q.k^T attention over inner gradients is precomputed."""
-    attention = coeff * (jnp.einsum("...id,...jd->...ij", q, k) + 1.0)
+    attention = coeff * (jnp.einsum("...ihd,...jhd->...hij", q, k) + 1.0)
     return {"q": q, "k": k, "target": v - k, "coeff": coeff, "attention": attention, "update": update}
 
 

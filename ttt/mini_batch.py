@@ -34,19 +34,34 @@ def num_mini_batches(seq_len: int, mini_batch_size: int, group_size: int) -> tup
 
 
 def split(x: jax.Array, mini_batch_size: int, num_padded: int) -> jax.Array:
-    """[batch, heads, seq, *rest] -> [num_padded, batch, heads, mini_batch_size, *rest], zero padded."""
-    batch, heads, seq_len, *rest = x.shape
-    pad = num_padded * mini_batch_size - seq_len
-    x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * len(rest))
-    x = x.reshape(batch, heads, num_padded, mini_batch_size, *rest)
-    return jnp.moveaxis(x, 2, 0)
+    """Per-token scalars [batch, heads, seq] -> [num_padded, batch, heads, mini_batch_size], zero padded."""
+    batch, heads, seq_len = x.shape
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, num_padded * mini_batch_size - seq_len)])
+    return jnp.moveaxis(x.reshape(batch, heads, num_padded, mini_batch_size), 2, 0)
 
 
-def merge(x: jax.Array, seq_len: int) -> jax.Array:
-    """[num_mini_batches, batch, heads, mini_batch_size, *rest] -> [batch, heads, seq_len, *rest]."""
-    num, batch, heads, size, *rest = x.shape
-    x = jnp.moveaxis(x, 0, 2).reshape(batch, heads, num * size, *rest)
-    return x[:, :, :seq_len]
+def split_tokens(x: jax.Array, mini_batch_size: int, num_padded: int) -> jax.Array:
+    """Token vectors [batch, heads, seq, d] -> token-major [num_padded, batch, mini_batch_size, heads, d], zero padded.
+
+    The scan reads and writes token-major mini-batches: a layer computes its projections as [batch, seq,
+    heads, d], so the transpose here cancels the layer's and, at batch 1, cutting into mini-batches is
+    a reshape. Transposing inside a scan step is cheap (its arrays are in cache); transposing the whole
+    sequence is not, and XLA would repeat it in every fusion that reads it (benchmarks/reference_speed.py).
+    """
+    batch, heads, seq_len, d = x.shape
+    x = jnp.pad(jnp.swapaxes(x, 1, 2), [(0, 0), (0, num_padded * mini_batch_size - seq_len), (0, 0), (0, 0)])
+    return jnp.moveaxis(x.reshape(batch, num_padded, mini_batch_size, heads, d), 1, 0)
+
+
+def merge_tokens(x: jax.Array, seq_len: int) -> jax.Array:
+    """Token-major [num_mini_batches, batch, mini_batch_size, heads, d] -> token-major [batch, seq_len, heads, d]."""
+    num, batch, size, heads, d = x.shape
+    return jnp.moveaxis(x, 0, 1).reshape(batch, num * size, heads, d)[:, :seq_len]
+
+
+def heads_first(x: jax.Array) -> jax.Array:
+    """One token-major mini-batch [batch, b, heads, d] <-> [batch, heads, b, d] (its own inverse)."""
+    return jnp.swapaxes(x, -3, -2)
 
 
 def coefficients(eta: jax.Array, token_scale: jax.Array, seq_len: int) -> tuple[jax.Array, jax.Array]:
@@ -113,13 +128,13 @@ def scan_form(model: InnerModel, form: str, params, q, k, v, coeff, update, ln_w
     """The dual or primal form's scan over split mini-batches, rematerialised in groups.
 
     Args:
-      q, k, v: [num, batch, heads, b, d] (from `split`); coeff, update: from the coefficients.
+      q, k, v: token-major [num, batch, b, heads, d] (from `split_tokens`); coeff, update: from the coefficients.
       ln_weight, ln_bias: [heads, d] or both None.
       group_size: mini-batches per rematerialised group (`num` must be a multiple of it).
       restart_flags: bool [num, batch] or None: the mini-batches that start from `initial_params` (same
         structure as `params`) instead of the weights the one before left (`restarts`).
     Returns:
-      (weights after the scan, g(q; theta_t) [num, batch, heads, b, d]).
+      (weights after the scan, g(q; theta_t) token-major [num, batch, b, heads, d]).
     """
     if form == "dual":
         # LN parameters shaped [heads, 1, d] to broadcast over [batch, heads, tokens, d].
@@ -127,9 +142,24 @@ def scan_form(model: InnerModel, form: str, params, q, k, v, coeff, update, ln_w
         xs, body = dual.prepare(q, k, v, coeff, update), _DUAL_BODIES[model.name](*head_ln)
     else:
         xs, body = primal.prepare(q, k, v, coeff, update), primal.make_body(model, ln_weight, ln_bias)
+    body = _heads_first_step(body)
     if restart_flags is not None:
         xs, body = {**xs, "restart": restart_flags}, _restarting(body, initial_params)
     return remat_scan(body, params, xs, group_size)
+
+
+_TOKEN_INPUTS = ("q", "k", "v", "target")
+
+
+def _heads_first_step(body):
+    """`body` (written for [batch, heads, b, d] token vectors) on token-major scan inputs and outputs."""
+
+    def step(params, xs):
+        xs = {name: heads_first(x) if name in _TOKEN_INPUTS else x for name, x in xs.items()}
+        params, inner_out = body(params, xs)
+        return params, heads_first(inner_out)
+
+    return step
 
 
 def restart(flag: jax.Array, initial_params, params):

@@ -108,7 +108,7 @@ def _extend(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_bat
                                            mini_batch_size=mini_batch_size, token_scale=token_scale, form=form,
                                            remat_group_size=remat_group_size, document_starts=document_starts,
                                            initial_params=initial_params)
-    return _layer_output(q, q32, inner_out, ln_weight, ln_bias, residual), state
+    return _sequence_output(q, q32, inner_out, ln_weight, ln_bias, residual), state
 
 
 def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_batch_size, token_scale, form,
@@ -125,13 +125,14 @@ def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_
     q32, k32, v32, eta32 = _float32_inputs(q, k, v, eta, residual)
     params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
     real, padded = mini_batch.num_mini_batches(seq_len, mini_batch_size, remat_group_size)
-    q_mb, k_mb, v_mb = (mini_batch.split(x, mini_batch_size, padded) for x in (q32, k32, v32))
+    q_mb, k_mb, v_mb = (mini_batch.split_tokens(x, mini_batch_size, padded) for x in (q32, k32, v32))
     coeff, update = mini_batch.coefficients(mini_batch.split(eta32, mini_batch_size, padded), token_scale, seq_len)
 
     restart_flags = None if document_starts is None else mini_batch.restarts(document_starts, mini_batch_size, padded)
     final_params, inner_out = mini_batch.scan_form(model, form, params, q_mb, k_mb, v_mb, coeff, update, ln_weight,
                                                    ln_bias, min(remat_group_size, real), restart_flags, params)
-    return _layer_output(q, q32, mini_batch.merge(inner_out, seq_len), ln_weight, ln_bias, residual), final_params
+    inner_out = mini_batch.merge_tokens(inner_out, seq_len)
+    return _sequence_output(q, q32, inner_out, ln_weight, ln_bias, residual), final_params
 
 
 def _float32_inputs(q, k, v, eta, residual):
@@ -142,12 +143,18 @@ def _float32_inputs(q, k, v, eta, residual):
 
 
 def _layer_output(q, q32, inner_out, ln_weight, ln_bias, residual):
-    """z = q + LN(g(q)) (without the residual: LN(g(q))) in q's dtype; LN parameters [heads, d] broadcast over
-    [batch, heads, tokens, d] (or [batch, heads, d] for one token)."""
-    per_head = (slice(None),) + (None,) * (inner_out.ndim - 3)
-    head_ln = (None, None) if ln_weight is None else (ln_weight[per_head], ln_bias[per_head])
-    normalised = layer_norm(inner_out, *head_ln)
+    """z = q + LN(g(q)) (without the residual: LN(g(q))) in q's dtype, from arrays whose last two axes are
+    [heads, d] (one token [B, H, d], or a token-major sequence [B, T, H, d]) and LN parameters [heads, d]."""
+    normalised = layer_norm(inner_out, ln_weight, ln_bias)
     return (q32 + normalised if residual else normalised).astype(q.dtype)
+
+
+def _sequence_output(q, q32, inner_out, ln_weight, ln_bias, residual):
+    """The layer output [B, H, T, d] from token-major inner outputs [B, T, H, d]. It is computed token-major,
+    where a layer's projections are: the transposes here cancel the layer's instead of being repeated
+    in every fusion of the backward that reads z."""
+    z = _layer_output(q, jnp.swapaxes(q32, 1, 2), inner_out, ln_weight, ln_bias, residual)
+    return jnp.swapaxes(z, 1, 2)
 
 
 def _step(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, residual):

@@ -12,7 +12,7 @@ from ttt.objective import inner_loss
 
 
 def prepare(q, k, v, coeff, update):
-    """Per-mini-batch scan inputs (nothing to precompute for the primal form)."""
+    """Per-mini-batch scan inputs (nothing to precompute for the primal form); q, k, v token-major."""
     return {"q": q, "k": k, "v": v, "coeff": coeff, "update": update}
 
 
