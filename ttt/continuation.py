@@ -91,11 +91,10 @@ def whole_mini_batches(model: InnerModel, q, k, v, eta, params, num_real, ln_wei
     _, padded = mini_batch.num_mini_batches(seq_len, b, remat_group_size)
     q_mb, k_mb, v_mb = (mini_batch.split_tokens(x, b, padded) for x in (q, k, v))
     eta_mb = mini_batch.split(eta, b, padded)
-    coeff = mini_batch.causal_coefficients(eta_mb, token_scale)
     whole = (jnp.arange(padded) + 1) * b <= num_real
     update = jnp.where(whole[:, None, None, None], token_scale[-1] * eta_mb, 0.0)
     restart_flags = None if document_starts is None else mini_batch.restarts(document_starts, b, padded)
-    params, inner_out = mini_batch.scan_form(model, form, params, q_mb, k_mb, v_mb, coeff, update, ln_weight,
+    params, inner_out = mini_batch.scan_form(model, form, params, q_mb, k_mb, v_mb, eta_mb, token_scale, update, ln_weight,
                                              ln_bias, min(remat_group_size, padded), restart_flags, initial_params)
 
     partial = jnp.clip(jnp.asarray(num_real) // b, 0, padded - 1)

@@ -2,25 +2,50 @@
 
 No per-token weights are materialised: the outputs of a mini-batch are the outputs of its start
 weights minus a causal, coefficient-weighted attention over the inner gradients (Sun et al. 2024,
-section 2.7). Everything that does not depend on the fast weights (q.k^T, coefficient masks) is
-computed for all mini-batches at once, outside the sequential scan.
+section 2.7).
 
 `prepare` reads token-major mini-batches [num, batch, b, heads, d] (mini_batch.split_tokens); inside a
-scan step (after mini_batch.scan_form's transpose) q, k, target: [batch, heads, b, d]; coeff:
-[batch, heads, b, b]; update: [batch, heads, b]; ln_weight, ln_bias: [heads, 1, d] or None.
+scan step (after mini_batch.scan_form's transpose) keys_queries: [batch, heads, 2b, d] (k above q);
+target: [batch, heads, b, d]; eta, update: [batch, heads, b]; the coefficients [batch, heads, b, b];
+ln_weight, ln_bias: [heads, 1, d] or None; token_scale: [b].
 """
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ttt.inner_models import gelu
 from ttt.layer_norm import reconstruction_grad
 
 
-def prepare(q, k, v, coeff, update):
-    """Scan inputs for both dual forms; the q.k^T attention over inner gradients is precomputed."""
-    attention = coeff * (jnp.einsum("...ihd,...jhd->...hij", q, k) + 1.0)
-    return {"q": q, "k": k, "target": v - k, "coeff": coeff, "attention": attention, "update": update}
+def prepare(q, k, v, eta, update):
+    """Scan inputs for both dual forms, from token-major q, k, v [num, batch, b, heads, d], eta and update
+    [num, batch, heads, b]. The [b, b] coefficient and attention matrices are formed inside each step,
+    where they stay in cache: precomputed for the whole sequence they are num * b^2 per head, written
+    out and read back (at b = 256 that product alone took a third of the forward)."""
+    # Keys and queries of a mini-batch meet the same first-layer weights: one product of twice the rows.
+    keys_queries = jnp.concatenate([k, q], axis=-3)
+    return {"keys_queries": keys_queries, "target": v - k, "eta": eta, "update": update}
+
+
+def causal_coefficients(eta: jax.Array, token_scale: jax.Array) -> jax.Array:
+    """coeff[..., i, j] = s_i * eta_j for j <= i, else 0: [..., b, b] from eta [..., b] and token_scale [b]."""
+    size = eta.shape[-1]
+    causal = np.tril(np.ones((size, size), np.float32))
+    return token_scale[:, None] * causal * eta[..., None, :]
+
+
+def _attention(coeff, queries, keys):
+    """coeff * (queries . keys^T + 1): the weights of the inner gradients in each output, [..., b, b]."""
+    return coeff * (jnp.einsum("...id,...jd->...ij", queries, keys) + 1.0)
+
+
+def _first_layer(xs, w, b):
+    """(k, q, k @ w + b, q @ w + b) of a mini-batch, from one product of its stacked keys and queries."""
+    keys_queries = xs["keys_queries"]
+    n = keys_queries.shape[-2] // 2
+    out = keys_queries @ w + b
+    return keys_queries[..., :n, :], keys_queries[..., n:, :], out[..., :n, :], out[..., n:, :]
 
 
 def _subtract_update(w, inputs, scaled_grad):
@@ -28,37 +53,39 @@ def _subtract_update(w, inputs, scaled_grad):
     return w - jnp.einsum("...jd,...je->...de", inputs, scaled_grad)
 
 
-def make_linear_body(ln_weight, ln_bias):
+def make_linear_body(ln_weight, ln_bias, token_scale):
     """Scan body of TTT-Linear: `({"W", "b"}, xs) -> (next params, g(q; theta_t) [batch, heads, b, d])`."""
 
     def body(params, xs):
-        w, b = params["W"], params["b"][..., None, :]
-        grad_z = reconstruction_grad(xs["k"] @ w + b, xs["target"], ln_weight, ln_bias)
-        inner_out = xs["q"] @ w + b - xs["attention"] @ grad_z
+        w = params["W"]
+        k, q, z_k, z_q = _first_layer(xs, w, params["b"][..., None, :])
+        grad_z = reconstruction_grad(z_k, xs["target"], ln_weight, ln_bias)
+        inner_out = z_q - _attention(causal_coefficients(xs["eta"], token_scale), q, k) @ grad_z
         scaled = xs["update"][..., None] * grad_z
-        next_params = {"W": _subtract_update(w, xs["k"], scaled), "b": params["b"] - scaled.sum(-2)}
+        next_params = {"W": _subtract_update(w, k, scaled), "b": params["b"] - scaled.sum(-2)}
         return next_params, inner_out
 
     return body
 
 
-def make_mlp_body(ln_weight, ln_bias):
+def make_mlp_body(ln_weight, ln_bias, token_scale):
     """Scan body of TTT-MLP: `({"W1", "b1", "W2", "b2"}, xs) -> (next params, g(q; theta_t))`."""
 
     def body(params, xs):
         w1, b1 = params["W1"], params["b1"][..., None, :]
         w2, b2 = params["W2"], params["b2"][..., None, :]
-        hidden_k, gelu_vjp = jax.vjp(gelu, xs["k"] @ w1 + b1)
+        k, q, z1_k, z1_q = _first_layer(xs, w1, b1)
+        coeff = causal_coefficients(xs["eta"], token_scale)
+        hidden_k, gelu_vjp = jax.vjp(gelu, z1_k)
         grad_z2 = reconstruction_grad(hidden_k @ w2 + b2, xs["target"], ln_weight, ln_bias)
         (grad_z1,) = gelu_vjp(grad_z2 @ jnp.swapaxes(w2, -1, -2))
 
-        hidden_q = gelu(xs["q"] @ w1 + b1 - xs["attention"] @ grad_z1)
-        attention2 = xs["coeff"] * (jnp.einsum("...id,...jd->...ij", hidden_q, hidden_k) + 1.0)
-        inner_out = hidden_q @ w2 + b2 - attention2 @ grad_z2
+        hidden_q = gelu(z1_q - _attention(coeff, q, k) @ grad_z1)
+        inner_out = hidden_q @ w2 + b2 - _attention(coeff, hidden_q, hidden_k) @ grad_z2
 
         update = xs["update"][..., None]
         next_params = {
-            "W1": _subtract_update(w1, xs["k"], update * grad_z1),
+            "W1": _subtract_update(w1, k, update * grad_z1),
             "b1": params["b1"] - (update * grad_z1).sum(-2),
             "W2": _subtract_update(w2, hidden_k, update * grad_z2),
             "b2": params["b2"] - (update * grad_z2).sum(-2),

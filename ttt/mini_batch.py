@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt import dual, primal
+from ttt.dual import causal_coefficients
 from ttt.inner_models import LINEAR, MLP, InnerModel
 
 _DUAL_BODIES = {LINEAR.name: dual.make_linear_body, MLP.name: dual.make_mlp_body}
@@ -64,29 +65,12 @@ def heads_first(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, -3, -2)
 
 
-def coefficients(eta: jax.Array, token_scale: jax.Array, seq_len: int) -> tuple[jax.Array, jax.Array]:
-    """Inner-optimizer coefficients of every mini-batch.
-
-    Args:
-      eta: [num, batch, heads, b] per-token learning rates, zero on padding.
-      token_scale: [b] per-position scale s_i.
-      seq_len: number of real tokens.
-    Returns:
-      coeff: [num, batch, heads, b, b], coeff[..., i, j] = s_i * eta_j for j <= i, else 0.
-      update: [num, batch, heads, b], s_L * eta_j with L the last real position of the mini-batch.
-    """
-    num, _, _, size = eta.shape
-    coeff = causal_coefficients(eta, token_scale)
-    last_real = np.clip(seq_len - size * np.arange(num), 1, size) - 1
-    update = token_scale[last_real][:, None, None, None] * eta
-    return coeff, update
-
-
-def causal_coefficients(eta: jax.Array, token_scale: jax.Array) -> jax.Array:
-    """coeff[..., i, j] = s_i * eta_j for j <= i, else 0: [num, batch, heads, b, b] from eta [num, batch, heads, b]."""
-    size = eta.shape[-1]
-    causal = np.tril(np.ones((size, size), np.float32))
-    return token_scale[:, None] * causal * eta[..., None, :]
+def update_coefficients(eta: jax.Array, token_scale: jax.Array, seq_len: int) -> jax.Array:
+    """update[j] = s_L * eta_j of every mini-batch: [num, batch, heads, b] from eta [num, batch, heads, b]
+    (zero on padding) and token_scale [b], with L the last real position of the mini-batch."""
+    num = eta.shape[0]
+    last_real = np.clip(seq_len - eta.shape[-1] * np.arange(num), 1, eta.shape[-1]) - 1
+    return token_scale[last_real][:, None, None, None] * eta
 
 
 def restarts(document_starts: jax.Array, mini_batch_size: int, num_padded: int) -> jax.Array:
@@ -123,12 +107,13 @@ def remat_scan(body, carry, xs, group_size: int):
     return carry, jax.tree.map(lambda y: y.reshape(num, *y.shape[2:]), ys)
 
 
-def scan_form(model: InnerModel, form: str, params, q, k, v, coeff, update, ln_weight, ln_bias, group_size: int,
-              restart_flags=None, initial_params=None):
+def scan_form(model: InnerModel, form: str, params, q, k, v, eta, token_scale, update, ln_weight, ln_bias,
+              group_size: int, restart_flags=None, initial_params=None):
     """The dual or primal form's scan over split mini-batches, rematerialised in groups.
 
     Args:
-      q, k, v: token-major [num, batch, b, heads, d] (from `split_tokens`); coeff, update: from the coefficients.
+      q, k, v: token-major [num, batch, b, heads, d] (from `split_tokens`); eta: [num, batch, heads, b] (from
+        `split`); token_scale: [b]; update: [num, batch, heads, b] (the end-of-mini-batch step's coefficients).
       ln_weight, ln_bias: [heads, d] or both None.
       group_size: mini-batches per rematerialised group (`num` must be a multiple of it).
       restart_flags: bool [num, batch] or None: the mini-batches that start from `initial_params` (same
@@ -139,8 +124,9 @@ def scan_form(model: InnerModel, form: str, params, q, k, v, coeff, update, ln_w
     if form == "dual":
         # LN parameters shaped [heads, 1, d] to broadcast over [batch, heads, tokens, d].
         head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
-        xs, body = dual.prepare(q, k, v, coeff, update), _DUAL_BODIES[model.name](*head_ln)
+        xs, body = dual.prepare(q, k, v, eta, update), _DUAL_BODIES[model.name](*head_ln, token_scale)
     else:
+        coeff = causal_coefficients(eta, token_scale)
         xs, body = primal.prepare(q, k, v, coeff, update), primal.make_body(model, ln_weight, ln_bias)
     body = _heads_first_step(body)
     if restart_flags is not None:
@@ -148,7 +134,7 @@ def scan_form(model: InnerModel, form: str, params, q, k, v, coeff, update, ln_w
     return remat_scan(body, params, xs, group_size)
 
 
-_TOKEN_INPUTS = ("q", "k", "v", "target")
+_TOKEN_INPUTS = ("q", "k", "v", "target", "keys_queries")
 
 
 def _heads_first_step(body):
