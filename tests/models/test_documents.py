@@ -44,7 +44,9 @@ def test_a_packed_row_computes_each_document_alone(name):
         np.testing.assert_allclose(packed[row, start:], second_alone[row, :SEQ - start], atol=2e-5,
                                    err_msg=f"row {row}")
     assert not np.allclose(packed[0, 8:], first_alone[0, 8:], atol=1e-3), "the second document saw the first"
-    np.testing.assert_array_equal(nnx.jit(lambda m, ids: m(ids))(model, IDS), first_alone)  # all False: bitwise None
+    # All False computes what None computes. They compile to different programs (the scan carries a restart
+    # select), which XLA may fuse and round differently: equal to float32 rounding, not bitwise.
+    np.testing.assert_allclose(nnx.jit(lambda m, ids: m(ids))(model, IDS), first_alone, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp"])
