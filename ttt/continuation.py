@@ -94,8 +94,9 @@ def whole_mini_batches(model: InnerModel, q, k, v, eta, params, num_real, ln_wei
     whole = (jnp.arange(padded) + 1) * b <= num_real
     update = jnp.where(whole[:, None, None, None], token_scale[-1] * eta_mb, 0.0)
     restart_flags = None if document_starts is None else mini_batch.restarts(document_starts, b, padded)
-    params, inner_out = mini_batch.scan_form(model, form, params, q_mb, k_mb, v_mb, eta_mb, token_scale, update, ln_weight,
-                                             ln_bias, min(remat_group_size, padded), restart_flags, initial_params)
+    params, inner_out = mini_batch.scan_form(model, form, params, q_mb, k_mb, v_mb, eta_mb, token_scale, update,
+                                             ln_weight, ln_bias, min(remat_group_size, padded), restart_flags,
+                                             initial_params)
 
     partial = jnp.clip(jnp.asarray(num_real) // b, 0, padded - 1)
     grads = token_grads(model, params, *(mini_batch.heads_first(x[partial]) for x in (k_mb, v_mb)), ln_weight, ln_bias)

@@ -130,8 +130,9 @@ def _sequence(model: InnerModel, q, k, v, eta, params, ln_weight, ln_bias, mini_
     update = mini_batch.update_coefficients(eta_mb, token_scale, seq_len)
 
     restart_flags = None if document_starts is None else mini_batch.restarts(document_starts, mini_batch_size, padded)
-    final_params, inner_out = mini_batch.scan_form(model, form, params, q_mb, k_mb, v_mb, eta_mb, token_scale, update, ln_weight,
-                                                   ln_bias, min(remat_group_size, real), restart_flags, params)
+    final_params, inner_out = mini_batch.scan_form(model, form, params, q_mb, k_mb, v_mb, eta_mb, token_scale,
+                                                   update, ln_weight, ln_bias, min(remat_group_size, real),
+                                                   restart_flags, params)
     inner_out = mini_batch.merge_tokens(inner_out, seq_len)
     return _sequence_output(q, q32, inner_out, ln_weight, ln_bias, residual), final_params
 
