@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ttt import dual, primal
-from ttt.dual import causal_coefficients
 from ttt.inner_models import LINEAR, MLP, InnerModel
 
 _DUAL_BODIES = {LINEAR.name: dual.make_linear_body, MLP.name: dual.make_mlp_body}
@@ -126,7 +125,7 @@ def scan_form(model: InnerModel, form: str, params, q, k, v, eta, token_scale, u
         head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
         xs, body = dual.prepare(q, k, v, eta, update), _DUAL_BODIES[model.name](*head_ln, token_scale)
     else:
-        coeff = causal_coefficients(eta, token_scale)
+        coeff = dual.causal_coefficients(eta, token_scale)
         xs, body = primal.prepare(q, k, v, coeff, update), primal.make_body(model, ln_weight, ln_bias)
     body = _heads_first_step(body)
     if restart_flags is not None:
