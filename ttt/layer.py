@@ -35,6 +35,7 @@ from ttt.configs import TTTLayerConfig
 from ttt.context import DEFAULT, Context
 from ttt.conv import causal_depthwise_conv, next_history
 from ttt.inner_models import LINEAR, MLP, gelu
+from ttt.projection import project
 from ttt.rope import rotary_embedding
 from ttt.sharding import constrain, partitioned
 
@@ -114,16 +115,16 @@ class TTTLayer(nnx.Module):
         x = constrain(x, ("batch", "seq", "embed"))
         starts = context.document_starts
         if self.config.backbone == "mamba":
-            qk = self.qk_proj(x)
+            qk, v, gate = self._project(x, self.qk_proj, self.v_proj, self.gate_proj)
             history = state["conv"]
             q = causal_depthwise_conv(qk, self.conv_q_weight[...], self.conv_q_bias[...], history, starts)
             k = causal_depthwise_conv(qk, self.conv_k_weight[...], self.conv_k_bias[...], history, starts)
             state["conv"] = next_history(history, qk, starts)
         else:
-            q, k = self.q_proj(x), self.k_proj(x)
+            (q, k, v), gate = self._project(x, self.q_proj, self.k_proj, self.v_proj), None
         with jax.ensure_compile_time_eval():
             positions = (state["ttt"]["position"] + jnp.arange(seq_len)) % self.config.mini_batch_size
-        q, k, v, eta = self._finish_projection(x, q, k, positions, context.inner_lr_scale)
+        q, k, v, eta = self._finish_projection(x, q, k, v, positions, context.inner_lr_scale)
         c = self.config
         inner_ln = (self.inner_ln_weight[...], self.inner_ln_bias[...]) if c.inner_norm else (None, None)
         inner = dict(ln_weight=inner_ln[0], ln_bias=inner_ln[1], mini_batch_size=c.mini_batch_size,
@@ -136,7 +137,7 @@ class TTTLayer(nnx.Module):
                 inner.update(document_starts=starts, initial_params=self._initial_fast_weights(batch))
             z, state["ttt"] = _INNER[c.inner].extend(q, k, v, eta, state["ttt"], form=c.form,
                                                      remat_group_size=c.remat_group_size, **inner)
-        return self._output(z, x), state
+        return self._output(z, gate), state
 
     # -- state ----------------------------------------------------------------------------
 
@@ -161,11 +162,17 @@ class TTTLayer(nnx.Module):
 
     # -- pieces ---------------------------------------------------------------------------
 
-    def _finish_projection(self, x, q, k, mini_batch_positions, inner_lr_scale=1.0):
+    def _project(self, x, *projections):
+        """x [batch, seq, embed] through the kernels [embed, heads, head_dim] of `projections` (nnx.LinearGeneral
+        modules, which hold the parameters) -> one [batch, seq, heads, head_dim] each, with one backward
+        for all of them (ttt/projection.py)."""
+        dtype = jnp.dtype(self.config.dtype)
+        return project(x.astype(dtype), tuple(p.kernel[...].astype(dtype) for p in projections))
+
+    def _finish_projection(self, x, q, k, v, mini_batch_positions, inner_lr_scale=1.0):
         c = self.config
         q = rotary_embedding(q, mini_batch_positions, c.rope_theta, c.rope_pairing)
         k = rotary_embedding(k, mini_batch_positions, c.rope_theta, c.rope_pairing)
-        v = self.v_proj(x)
         eta = inner_lr_scale * c.base_lr * self._inner_lr_gate(x) / c.head_dim
         to_heads = lambda a: constrain(jnp.swapaxes(a, 1, 2), ("batch", "heads", "seq", "head_dim"))
         return to_heads(q), to_heads(k), to_heads(v), jnp.swapaxes(eta, 1, 2)
@@ -193,13 +200,14 @@ class TTTLayer(nnx.Module):
             return {name: jnp.zeros((batch, c.num_heads, *shape), jnp.float32) for name, shape in shapes.items()}
         return {name: jnp.broadcast_to(w[...], (batch, *w.shape)) for name, w in self.fast_weights.items()}
 
-    def _output(self, z, x):
-        """z: [batch, heads, seq, head_dim], x: [batch, seq, embed] -> [batch, seq, embed]."""
+    def _output(self, z, gate):
+        """z: [batch, heads, seq, head_dim], gate: the gate projection [batch, seq, heads, head_dim] or None
+        -> [batch, seq, embed]."""
         batch, heads, seq_len, head_dim = z.shape
         y = jnp.swapaxes(z, 1, 2).reshape(batch, seq_len, heads * head_dim)
         y = self.post_norm(y)
-        if self.config.backbone == "mamba":
-            y = gelu(self.gate_proj(x).reshape(batch, seq_len, -1)) * y
+        if gate is not None:
+            y = gelu(gate.reshape(batch, seq_len, -1)) * y
         y = self.o_proj(y.reshape(batch, seq_len, heads, head_dim))
         return constrain(y, ("batch", "seq", "embed"))
 

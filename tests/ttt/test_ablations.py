@@ -42,7 +42,7 @@ def test_fixed_inner_lr_is_base_lr_over_head_dim_and_follows_the_warmup_scale():
     x = inputs(7)
     q = k = jnp.zeros((2, 7, HEADS, WIDTH // HEADS))
     for scale in (1.0, 0.1):
-        eta = layer._finish_projection(x, q, k, jnp.arange(7) % 4, scale)[3]
+        eta = layer._finish_projection(x, q, k, q, jnp.arange(7) % 4, scale)[3]
         assert eta.shape == (2, HEADS, 7)
         np.testing.assert_allclose(eta, scale * 0.5 / (WIDTH // HEADS), rtol=1e-7)
 
