@@ -50,7 +50,7 @@ def _first_layer(xs, w, b):
 
 def _subtract_update(w, inputs, scaled_grad):
     """w - inputs^T @ scaled_grad: the end-of-mini-batch step of a weight matrix."""
-    return w - jnp.einsum("...jd,...je->...de", inputs, scaled_grad)
+    return w - jnp.swapaxes(inputs, -1, -2) @ scaled_grad
 
 
 def make_linear_body(ln_weight, ln_bias, token_scale):
@@ -78,7 +78,7 @@ def make_mlp_body(ln_weight, ln_bias, token_scale):
         coeff = causal_coefficients(xs["eta"], token_scale)
         hidden_k, gelu_vjp = jax.vjp(gelu, z1_k)
         grad_z2 = reconstruction_grad(hidden_k @ w2 + b2, xs["target"], ln_weight, ln_bias)
-        (grad_z1,) = gelu_vjp(grad_z2 @ jnp.swapaxes(w2, -1, -2))
+        (grad_z1,) = gelu_vjp(jnp.einsum("...je,...he->...jh", grad_z2, w2))
 
         hidden_q = gelu(z1_q - _attention(coeff, q, k) @ grad_z1)
         inner_out = hidden_q @ w2 + b2 - _attention(coeff, hidden_q, hidden_k) @ grad_z2
