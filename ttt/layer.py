@@ -1,8 +1,9 @@
 """`TTTLayer`: the Flax NNX sequence mixer around `ttt.ops` (Sun et al. 2024).
 
-  x [batch, seq, embed] -> q, k, v [batch, seq, heads, head_dim]   (projections; mamba backbone:
-                                                                    shared q/k projection, then a
-                                                                    causal depthwise conv for each)
+  x [batch, seq, embed] -> q, k, v [batch, seq, heads, head_dim]   (projections, one backward for all
+                                                                    of them, ttt/projection.py; mamba
+                                                                    backbone: shared q/k projection,
+                                                                    then a causal depthwise conv each)
   q, k <- RoPE with positions relative to the mini-batch
   eta = s * base_lr * sigmoid(x . theta_h + beta_h) / head_dim      (per-token, per-head inner LR;
                                                                     s: inner-LR warmup scale, 1 at
