@@ -6,6 +6,7 @@ from flax import nnx
 
 from ttt.configs import ModelConfig
 from ttt.conv import causal_depthwise_conv, next_history
+from ttt.projection import project
 from ttt.sharding import constrain, partitioned
 
 
@@ -32,7 +33,10 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [batch, seq, embed] -> [batch, seq, embed]."""
-        hidden = jax.nn.silu(self.gate(x)) * self.up(x)
+        # One shared backward for the two projections of x (ttt/projection.py says why).
+        dtype = self.gate.dtype
+        gate, up = project(x.astype(dtype), (self.gate.kernel[...].astype(dtype), self.up.kernel[...].astype(dtype)))
+        hidden = jax.nn.silu(gate) * up
         hidden = constrain(hidden, ("batch", "seq", "mlp"))
         return constrain(self.down(hidden), ("batch", "seq", "embed"))
 
