@@ -34,8 +34,7 @@ class SwiGLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [batch, seq, embed] -> [batch, seq, embed]."""
         # One shared backward for the two projections of x (ttt/projection.py says why).
-        dtype = self.gate.dtype
-        gate, up = project(x.astype(dtype), (self.gate.kernel[...].astype(dtype), self.up.kernel[...].astype(dtype)))
+        gate, up = project(x, (self.gate.kernel[...], self.up.kernel[...]), self.gate.dtype)
         hidden = jax.nn.silu(gate) * up
         hidden = constrain(hidden, ("batch", "seq", "mlp"))
         return constrain(self.down(hidden), ("batch", "seq", "embed"))

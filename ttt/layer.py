@@ -167,8 +167,7 @@ class TTTLayer(nnx.Module):
         """x [batch, seq, embed] through the kernels [embed, heads, head_dim] of `projections` (nnx.LinearGeneral
         modules, which hold the parameters) -> one [batch, seq, heads, head_dim] each, with one backward
         for all of them (ttt/projection.py)."""
-        dtype = jnp.dtype(self.config.dtype)
-        return project(x.astype(dtype), tuple(p.kernel[...].astype(dtype) for p in projections))
+        return project(x, tuple(p.kernel[...] for p in projections), self.config.dtype)
 
     def _finish_projection(self, x, q, k, v, mini_batch_positions, inner_lr_scale=1.0):
         c = self.config

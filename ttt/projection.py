@@ -14,12 +14,10 @@ import jax
 import jax.numpy as jnp
 
 
-def project(x: jax.Array, kernels: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-    """x [batch, seq, embed] and kernels [embed, *features] -> (x . kernel: [batch, seq, *features] for each).
-
-    Same dtype rules as `jnp.tensordot`; cast x and the kernels to the compute dtype first.
-    """
-    return _project(x, tuple(kernels))
+def project(x: jax.Array, kernels: tuple[jax.Array, ...], dtype) -> tuple[jax.Array, ...]:
+    """x [batch, seq, embed] and kernels [embed, *features] -> (x . kernel: [batch, seq, *features] for each),
+    computed in `dtype` (x and the kernels are cast to it; their gradients come back in their own dtypes)."""
+    return _project(x.astype(dtype), tuple(kernel.astype(dtype) for kernel in kernels))
 
 
 def _products(x, kernels):
@@ -41,8 +39,7 @@ def _project_bwd(residuals, grads):
                  for g, k in zip(grads, kernels))
     # x as [embed, batch, seq]: every weight gradient reads it with the summed tokens minor.
     x_t = jax.lax.optimization_barrier(jnp.moveaxis(x, -1, 0))
-    grad_kernels = tuple(jnp.tensordot(x_t, g, axes=2).astype(k.dtype) for g, k in zip(grads, kernels))
-    return grad_x.astype(x.dtype), grad_kernels
+    return grad_x, tuple(jnp.tensordot(x_t, g, axes=2) for g in grads)
 
 
 _project.defvjp(_project_fwd, _project_bwd)
