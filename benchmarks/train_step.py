@@ -1,16 +1,18 @@
 """One whole training step (forward, backward, AdamW update) of the 125M presets, by sequence length.
 
 For each preset and sequence length, a fresh process builds the model on one CPU device, compiles
-`ttt.train.step.train_step` for one row of `seq + 1` tokens (batch 1, float32), runs it once to
-warm up and `--repeats` more times; it reports the median step time, tokens per second, the time
-relative to the Transformer of the same length, and the process's peak resident memory (each
-configuration has a process of its own, so the peak is its own). Every model uses the same
+`ttt.train.step.train_step` for one row of `seq + 1` tokens (batch 1), runs it once to warm up and
+`--repeats` more times; it reports the median step time, tokens per second, the time relative to the
+Transformer of the same length and dtype, and the process's peak resident memory (each configuration
+has a process of its own, so the peak is its own). `--dtypes` sets the compute dtype (ModelConfig.dtype;
+the parameters and the optimizer stay float32, and so do the TTT inner loop, norms, softmax and loss). Every model uses the same
 rematerialisation (`--remat`, default full: one scanned group's activations at a time), so that
 full attention at 8K fits in memory. The children run with benchmarks/xla_cpu.py's setting unless
 `--no-xla-cpu-reduce-workaround`.
 
   python benchmarks/train_step.py                                  # 125M presets at 2K and 8K
   python benchmarks/train_step.py --seqs 2048 --repeats 2 --out /tmp/train_step.json
+  python benchmarks/train_step.py --seqs 2048 --dtypes float32 bfloat16     # what bfloat16 buys
 """
 
 import argparse
@@ -30,7 +32,7 @@ PRESETS = ("transformer-125m", "ttt-linear-125m", "ttt-mlp-125m", "hybrid-swa-tt
 BASELINE = "transformer-125m"
 
 
-def measure(preset: str, seq: int, repeats: int, remat: str) -> dict:
+def measure(preset: str, seq: int, repeats: int, remat: str, dtype: str) -> dict:
     """Runs in the child process: compile, warm up and time one configuration."""
     import jax
     import numpy as np
@@ -42,7 +44,7 @@ def measure(preset: str, seq: int, repeats: int, remat: str) -> dict:
     from ttt.train.step import create_model, token_sharding, train_step
     from flax import nnx
 
-    config = configs.get(preset, max_seq_len=max(seq, 2048), remat=remat)
+    config = configs.get(preset, max_seq_len=max(seq, 2048), remat=remat, dtype=dtype)
     mesh = mesh_lib.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, 1, seq + 1), dtype=np.int32)
     with mesh_lib.activate(mesh):
@@ -58,33 +60,34 @@ def measure(preset: str, seq: int, repeats: int, remat: str) -> dict:
             jax.block_until_ready(train_step(model, optimizer, tokens, np.float32(1.0)))
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    return {"preset": preset, "seq": seq, "step_s": step_s, "all_s": times, "tokens_per_s": seq / step_s,
+    return {"preset": preset, "seq": seq, "dtype": dtype, "step_s": step_s, "all_s": times, "tokens_per_s": seq / step_s,
             "compile_and_first_s": compile_and_first, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def run_child(preset: str, seq: int, repeats: int, remat: str, workaround: bool) -> dict:
+def run_child(preset: str, seq: int, repeats: int, remat: str, dtype: str, workaround: bool) -> dict:
     """`measure` in a fresh process (its own peak memory); a failure (e.g. out of memory) is a row too."""
-    command = [sys.executable, __file__, "--child", preset, str(seq), str(repeats), remat]
+    command = [sys.executable, __file__, "--child", preset, str(seq), str(repeats), remat, dtype]
     environment = with_reduce_workaround(dict(os.environ)) if workaround else None
     done = subprocess.run(command, capture_output=True, text=True, env=environment)
     if done.returncode:
-        return {"preset": preset, "seq": seq, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+        return {"preset": preset, "seq": seq, "dtype": dtype, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def print_table(rows: list[dict]) -> None:
-    baseline = {r["seq"]: r for r in rows if r["preset"] == BASELINE and "step_s" in r}
-    header = f"{'preset':24} {'seq':>6} {'step s':>8} {'tokens/s':>9} {'vs transformer':>15} {'peak GiB':>9}"
+    baseline = {(r["seq"], r["dtype"]): r for r in rows if r["preset"] == BASELINE and "step_s" in r}
+    header = (f"{'preset':24} {'seq':>6} {'dtype':>9} {'step s':>8} {'tokens/s':>9} {'vs transformer':>15} "
+              f"{'peak GiB':>9}")
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         if "error" in r:
-            print(f"{r['preset']:24} {r['seq']:6d}  failed: {r['error']}")
+            print(f"{r['preset']:24} {r['seq']:6d} {r['dtype']:>9}  failed: {r['error']}")
             continue
-        base = baseline.get(r["seq"])
+        base = baseline.get((r["seq"], r["dtype"]))
         ratio = f"{base['step_s'] / r['step_s']:14.2f}x" if base else f"{'-':>15}"
-        print(f"{r['preset']:24} {r['seq']:6d} {r['step_s']:8.2f} {r['tokens_per_s']:9.0f} {ratio} "
+        print(f"{r['preset']:24} {r['seq']:6d} {r['dtype']:>9} {r['step_s']:8.2f} {r['tokens_per_s']:9.0f} {ratio} "
               f"{r['peak_rss_gib']:9.2f}")
-    print("(vs transformer: the Transformer's step time over this one's, > 1 is faster)")
+    print("(vs transformer: the Transformer's step time over this one's at the same length and dtype, > 1 is faster)")
 
 
 def main(argv=None):
@@ -93,16 +96,19 @@ def main(argv=None):
     parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--remat", default="full", help="rematerialisation of every model (ModelConfig.remat)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                        help="compute dtypes (ModelConfig.dtype), each measured for every preset and length")
     parser.add_argument("--xla-cpu-reduce-workaround", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args(argv)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; float32, batch 1, "
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; batch 1, "
           f"remat {args.remat}; load average before: {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     for seq in args.seqs:
-        for preset in args.presets:
-            rows.append(run_child(preset, seq, args.repeats, args.remat, args.xla_cpu_reduce_workaround))
-            print(f"  {preset} at {seq}: {rows[-1].get('step_s', rows[-1].get('error'))}", flush=True)
+        for dtype in args.dtypes:
+            for preset in args.presets:
+                rows.append(run_child(preset, seq, args.repeats, args.remat, dtype, args.xla_cpu_reduce_workaround))
+                print(f"  {preset} at {seq} in {dtype}: {rows[-1].get('step_s', rows[-1].get('error'))}", flush=True)
     print_table(rows)
     result = {"rows": rows, "args": vars(args), "cpu_count": os.cpu_count(), "load_average_after": os.getloadavg()}
     print(f"load average after: {os.getloadavg()[0]:.1f}")
@@ -111,7 +117,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        preset, seq, repeats, remat = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-        print(json.dumps(measure(preset, seq, repeats, remat)))
+        preset, seq, repeats, remat, dtype = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
+        print(json.dumps(measure(preset, seq, repeats, remat, dtype)))
     else:
         main()

@@ -8,6 +8,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import reference_speed  # noqa: E402
+import train_step  # noqa: E402
 from xla_cpu import REDUCE_WORKAROUND, with_reduce_workaround  # noqa: E402
 
 
@@ -31,3 +32,20 @@ def test_reference_speed_refuses_lengths_the_reference_layer_cannot_run(tmp_path
 def test_reference_speed_refuses_a_directory_without_the_reference_layer(tmp_path):
     with pytest.raises(SystemExit):
         reference_speed.main(["--reference-repo", str(tmp_path), "--seqs", "2048"])
+
+
+def test_train_step_compares_each_dtype_with_the_transformer_of_that_dtype(capsys):
+    row = lambda preset, dtype, step_s: {"preset": preset, "seq": 2048, "dtype": dtype, "step_s": step_s,
+                                         "tokens_per_s": 2048 / step_s, "peak_rss_gib": 1.0}
+    train_step.print_table([row("transformer-125m", "float32", 20.0), row("ttt-linear-125m", "float32", 10.0),
+                            row("transformer-125m", "bfloat16", 12.0), row("ttt-linear-125m", "bfloat16", 8.0)])
+    # preset, seq, dtype, step s, tokens/s, vs transformer, peak GiB
+    ratios = {(cells[0], cells[2]): cells[5] for cells in map(str.split, capsys.readouterr().out.splitlines())
+              if cells and cells[0].endswith("125m")}
+    assert ratios == {("transformer-125m", "float32"): "1.00x", ("ttt-linear-125m", "float32"): "2.00x",
+                      ("transformer-125m", "bfloat16"): "1.00x", ("ttt-linear-125m", "bfloat16"): "1.50x"}
+
+
+def test_train_step_refuses_an_unknown_dtype():
+    with pytest.raises(SystemExit):
+        train_step.main(["--dtypes", "float16"])
