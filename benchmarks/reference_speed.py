@@ -13,10 +13,18 @@ It needs only jax and flax, so it runs in this project's environment.
 
 `--xla-cpu-reduce-workaround` (default on) applies benchmarks/xla_cpu.py's setting, to both layers alike.
 
+`--devices N` splits the CPU into N host devices and runs both layers on a mesh that shards the heads
+N ways (tensor parallelism): this project's layer through its logical axis rules (ttt/train/mesh.py,
+heads -> tensor), the reference through its own sharding constraints (q, k, v split over its `mp`
+axis, here the mesh's `tensor`). XLA:CPU runs the ops of one device's scan one after another, so on a
+multi-core CPU this is how a TTT layer's mini-batch scan uses more than one core.
+
   python benchmarks/reference_speed.py --reference-repo /path/ttt-lm-jax --seqs 2048 4096 8192
+  python benchmarks/reference_speed.py --reference-repo /path/ttt-lm-jax --devices 2
 """
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import platform
@@ -39,7 +47,7 @@ def load_reference_layer(repo: str):
 
     # The reference layer imports only `ttt.infra.jax_utils` from its own package (also named `ttt`).
     utils = types.ModuleType("ttt.infra.jax_utils")
-    utils.with_sharding_constraint = lambda x, partition_specs: x  # no mesh is active here
+    utils.with_sharding_constraint = _reference_sharding_constraint
     utils.get_gradient_checkpoint_policy = lambda name: getattr(jax.checkpoint_policies, name)
     sys.modules.setdefault("ttt.infra", types.ModuleType("ttt.infra"))
     sys.modules["ttt.infra.jax_utils"] = utils
@@ -50,6 +58,22 @@ def load_reference_layer(repo: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# The reference's mesh axes, named as this project's mesh (ttt/train/mesh.py) names them.
+_REFERENCE_AXES = {"dp": "data", "fsdp": "fsdp", "mp": "tensor"}
+
+
+def _reference_sharding_constraint(x, partition_spec):
+    """The reference's `with_sharding_constraint` on the active mesh; the identity without one."""
+    import jax
+    from jax.sharding import PartitionSpec
+
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    rename = lambda entry: (tuple(_REFERENCE_AXES[a] for a in entry) if isinstance(entry, tuple)
+                            else entry if entry is None else _REFERENCE_AXES[entry])
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*map(rename, partition_spec)))
 
 
 def reference_functions(reference, inner: str, seq: int):
@@ -112,6 +136,8 @@ def main(argv=None):
     parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--inner", nargs="+", default=["linear", "mlp"], choices=["linear", "mlp"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--devices", type=int, default=1,
+                        help="host devices the CPU is split into; both layers shard their heads over them")
     parser.add_argument("--xla-cpu-reduce-workaround", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="benchmarks/results/reference_speed.json")
     args = parser.parse_args(argv)
@@ -120,23 +146,38 @@ def main(argv=None):
             parser.error(f"--seqs {seq}: the reference layer needs multiples of {MINI_BATCH * REMAT_GROUP}")
     if not os.path.isfile(os.path.join(args.reference_repo, "ttt/models/ttt_layer.py")):
         parser.error(f"--reference-repo {args.reference_repo} has no ttt/models/ttt_layer.py")
+    if args.devices < 1 or HEADS % args.devices:
+        parser.error(f"--devices {args.devices}: the {HEADS} heads must split evenly over the devices")
     if args.xla_cpu_reduce_workaround:
         with_reduce_workaround()
+    if args.devices > 1:  # read when jax starts its CPU backend
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
     import jax
 
+    from ttt.configs.train import MeshConfig
+    from ttt.train import mesh as mesh_lib
+
     reference = load_reference_layer(args.reference_repo)
+    mesh = mesh_lib.make_mesh(MeshConfig(data=1, tensor=args.devices), devices=jax.devices()[:args.devices])
+    # One device runs without a mesh, exactly as before --devices existed.
+    on_mesh = (lambda: mesh_lib.activate(mesh)) if args.devices > 1 else contextlib.nullcontext
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"{args.devices} device(s), heads split {args.devices} ways")
     print(f"{'seq':>6} {'inner':6} {'pass':17} {'reference ms':>13} {'ttt ms':>9} {'speed-up':>9}")
     rows = []
     for seq in args.seqs:
         for inner in args.inner:
-            ours, our_args = project_functions(inner, seq)
-            theirs, their_args = reference_functions(reference, inner, seq)
+            with on_mesh():  # parameters are created sharded, and traced with its constraints
+                ours, our_args = project_functions(inner, seq)
+                theirs, their_args = reference_functions(reference, inner, seq)
+                their_args = jax.device_put(their_args, mesh_lib.replicated(mesh))
+                our_args = (our_args[0], jax.device_put(our_args[1], mesh_lib.replicated(mesh)))
             for mode in ours:
-                medians = interleaved_medians({"reference": (theirs[mode], their_args),
-                                               "ttt": (ours[mode], our_args)}, args.repeats)
-                row = dict(seq=seq, inner=inner, mode=mode, reference_s=medians["reference"], ttt_s=medians["ttt"],
+                with on_mesh():
+                    medians = interleaved_medians({"reference": (theirs[mode], their_args),
+                                                   "ttt": (ours[mode], our_args)}, args.repeats)
+                row = dict(seq=seq, inner=inner, mode=mode, devices=args.devices, reference_s=medians["reference"], ttt_s=medians["ttt"],
                            speedup=medians["reference"] / medians["ttt"])
                 rows.append(row)
                 print(f"{seq:6d} {inner:6} {mode:17} {row['reference_s'] * 1e3:13.1f} {row['ttt_s'] * 1e3:9.1f} "

@@ -34,6 +34,32 @@ def test_reference_speed_refuses_a_directory_without_the_reference_layer(tmp_pat
         reference_speed.main(["--reference-repo", str(tmp_path), "--seqs", "2048"])
 
 
+def test_reference_speed_refuses_devices_that_do_not_split_the_heads(tmp_path, capsys):
+    (tmp_path / "ttt" / "models").mkdir(parents=True)
+    (tmp_path / "ttt" / "models" / "ttt_layer.py").touch()
+    with pytest.raises(SystemExit):
+        reference_speed.main(["--reference-repo", str(tmp_path), "--seqs", "2048", "--devices", "5"])
+    assert "--devices 5" in capsys.readouterr().err
+
+
+def test_reference_sharding_constraints_name_this_projects_mesh_axes():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec
+
+    from ttt.configs.train import MeshConfig
+    from ttt.train import mesh as mesh_lib
+
+    x = jnp.arange(24.0).reshape(1, 4, 6)
+    spec = PartitionSpec(("dp", "fsdp"), None, "mp")  # as the reference layer writes them
+    assert reference_speed._reference_sharding_constraint(x, spec) is x  # no mesh: the identity
+    # tests/conftest.py splits the CPU into 8 host devices.
+    with mesh_lib.activate(mesh_lib.make_mesh(MeshConfig(data=1, tensor=2), devices=jax.devices()[:2])):
+        y = jax.jit(lambda x: reference_speed._reference_sharding_constraint(x, spec))(x)
+    assert y.sharding.shard_shape(x.shape) == (1, 4, 3)  # the last axis split over `tensor`, as `mp`
+    assert jnp.array_equal(y, x)
+
+
 def test_train_step_compares_each_dtype_with_the_transformer_of_that_dtype(capsys):
     row = lambda preset, dtype, step_s: {"preset": preset, "seq": 2048, "dtype": dtype, "step_s": step_s,
                                          "tokens_per_s": 2048 / step_s, "peak_rss_gib": 1.0}
