@@ -13,6 +13,11 @@ runs after one compiling run.
   python benchmarks/ttt_layer.py --seqs 512 1024 --repeats 3 --out /tmp/quick.json
   python benchmarks/ttt_layer.py --seqs 4096 --mini-batches 16 64 256 1024   # the mini-batch sweep
 
+`--devices N` runs the mini-batch sweep with the heads split over N host devices (the CPU split with
+`--xla_force_host_platform_device_count`): XLA:CPU runs one device's scan on one thread, so this is
+how the sweep uses more than one core. The matmul rate it is compared with stays the one-device rate,
+which already uses every core.
+
 It applies benchmarks/xla_cpu.py's setting (batch 1) unless `--no-xla-cpu-reduce-workaround`.
 """
 
@@ -25,7 +30,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 import ttt
 from ttt import ops
@@ -81,6 +88,17 @@ def op_inputs(seq, inner):
     params = jax.vmap(lambda key: model.init(key, HEAD_DIM))(jax.random.split(keys[3], HEADS))
     params = jax.tree.map(lambda p: p[None], params)
     return q, k, v, eta, params, jnp.ones((HEADS, HEAD_DIM)), jnp.zeros((HEADS, HEAD_DIM))
+
+
+def split_heads(inputs, devices):
+    """`op_inputs` with the heads split over the first `devices` devices (unchanged for one)."""
+    if devices == 1:
+        return inputs
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("heads",))
+    over = lambda axis: lambda x: jax.device_put(
+        x, NamedSharding(mesh, PartitionSpec(*[("heads" if i == axis else None) for i in range(x.ndim)])))
+    *token_inputs, ln_weight, ln_bias = inputs  # q, k, v, eta, params: [batch, heads, ...]; LN: [heads, d]
+    return (*jax.tree.map(over(1), tuple(token_inputs)), over(0)(ln_weight), over(0)(ln_bias))
 
 
 def ttt_op(inner, form, mini_batch=MINI_BATCH):
@@ -152,17 +170,18 @@ def run(seqs, repeats, primal_max_seq):
     return {"matmul_gflops": matmul_gflops, "rows": rows}
 
 
-def run_mini_batches(seq, mini_batches, repeats, matmul_gflops):
-    """The dual form at each mini-batch size b: forward and forward+backward as a share of the matmul rate.
+def run_mini_batches(seq, mini_batches, repeats, matmul_gflops, devices=1):
+    """The dual form at each mini-batch size b: forward and forward+backward as a share of the matmul rate,
+    with the heads split over `devices` devices.
 
     Forward+backward is counted as 3x the forward's FLOPs (each matmul once forward, twice backward).
     """
     rows = []
     for inner in ("linear", "mlp"):
-        inputs = op_inputs(seq, inner)
+        inputs = split_heads(op_inputs(seq, inner), devices)
         for b in mini_batches:
             flops = inner_flops(inner, seq, b)
-            row = {"seq": seq, "name": f"ttt_{inner}_dual", "mini_batch": b}
+            row = {"seq": seq, "name": f"ttt_{inner}_dual", "mini_batch": b, "devices": devices}
             row["forward_s"] = median_seconds(jax.jit(ttt_op(inner, "dual", b)), *inputs, repeats=repeats)
             row["forward_backward_s"] = median_seconds(with_backward(ttt_op(inner, "dual", b), (0, 1, 2, 3, 4)),
                                                        *inputs, repeats=repeats)
@@ -189,26 +208,32 @@ def print_table(result):
               f"{100 * r['forward_gflops'] / peak:8.1f}%")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--primal-max-seq", type=int, default=1024, help="skip the (slow) primal form above this length")
     parser.add_argument("--mini-batches", type=int, nargs="*", default=[16, 64, 256, 1024],
                         help="mini-batch sizes b of the dual-form sweep (at the longest --seqs); none to skip it")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="host devices the CPU is split into; the mini-batch sweep splits the heads over them")
     parser.add_argument("--xla-cpu-reduce-workaround", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default="benchmarks/results/ttt_layer.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.devices < 1 or HEADS % args.devices:
+        parser.error(f"--devices {args.devices}: the {HEADS} heads must split evenly over the devices")
     if args.xla_cpu_reduce_workaround:
         with_reduce_workaround()
+    if args.devices > 1:  # read when jax starts its CPU backend
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores)")
     result = run(args.seqs, args.repeats, args.primal_max_seq)
     print_table(result)
     if args.mini_batches:
-        print(f"\ndual form by mini-batch size, seq {max(args.seqs)}")
+        print(f"\ndual form by mini-batch size, seq {max(args.seqs)}, heads over {args.devices} device(s)")
         result["mini_batch_rows"] = run_mini_batches(max(args.seqs), args.mini_batches, args.repeats,
-                                                     result["matmul_gflops"])
+                                                     result["matmul_gflops"], args.devices)
     result.update(jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(), args=vars(args))
     write_json(result, args.out)
 

@@ -9,6 +9,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import reference_speed  # noqa: E402
 import train_step  # noqa: E402
+import ttt_layer  # noqa: E402
 from xla_cpu import REDUCE_WORKAROUND, with_reduce_workaround  # noqa: E402
 
 
@@ -75,3 +76,22 @@ def test_train_step_compares_each_dtype_with_the_transformer_of_that_dtype(capsy
 def test_train_step_refuses_an_unknown_dtype():
     with pytest.raises(SystemExit):
         train_step.main(["--dtypes", "float16"])
+
+
+def test_ttt_layer_sweep_on_devices_splits_the_heads_and_keeps_the_values():
+    import jax
+    import numpy as np
+
+    inputs = ttt_layer.op_inputs(64, "mlp")
+    split = ttt_layer.split_heads(inputs, 2)  # tests/conftest.py splits the CPU into 8 host devices
+    q, ln_weight = split[0], split[5]
+    assert q.sharding.shard_shape(q.shape) == (1, 6, 64, 64)
+    assert ln_weight.sharding.shard_shape(ln_weight.shape) == (6, 64)
+    op = jax.jit(ttt_layer.ttt_op("mlp", "dual"))
+    np.testing.assert_allclose(op(*split), op(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_ttt_layer_refuses_devices_that_do_not_split_the_heads(capsys):
+    with pytest.raises(SystemExit):
+        ttt_layer.main(["--devices", "5"])
+    assert "--devices 5" in capsys.readouterr().err
