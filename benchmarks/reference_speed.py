@@ -34,7 +34,7 @@ import time
 import types
 
 from output import write_json
-from xla_cpu import with_reduce_workaround
+from xla_cpu import split_into_host_devices, with_reduce_workaround
 
 HIDDEN, HEADS, MINI_BATCH, REMAT_GROUP = 768, 12, 16, 4
 BASE_LR = {"linear": 1.0, "mlp": 0.1}
@@ -150,8 +150,7 @@ def main(argv=None):
         parser.error(f"--devices {args.devices}: the {HEADS} heads must split evenly over the devices")
     if args.xla_cpu_reduce_workaround:
         with_reduce_workaround()
-    if args.devices > 1:  # read when jax starts its CPU backend
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
+    split_into_host_devices(args.devices)
     import jax
 
     from ttt.configs.train import MeshConfig

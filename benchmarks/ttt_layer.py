@@ -38,7 +38,7 @@ import ttt
 from ttt import ops
 from ttt.configs import TTTLayerConfig
 from output import write_json
-from xla_cpu import with_reduce_workaround
+from xla_cpu import split_into_host_devices, with_reduce_workaround
 
 HIDDEN, HEADS, MINI_BATCH = 768, 12, 16
 HEAD_DIM = HIDDEN // HEADS
@@ -224,8 +224,7 @@ def main(argv=None):
         parser.error(f"--devices {args.devices}: the {HEADS} heads must split evenly over the devices")
     if args.xla_cpu_reduce_workaround:
         with_reduce_workaround()
-    if args.devices > 1:  # read when jax starts its CPU backend
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
+    split_into_host_devices(args.devices)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores)")
     result = run(args.seqs, args.repeats, args.primal_max_seq)

@@ -1,4 +1,4 @@
-"""The one XLA:CPU setting the timing benchmarks apply, and why.
+"""The XLA:CPU settings the timing benchmarks apply, and why.
 
 jax 0.10's XLA:CPU hands reductions to YNNPACK, which runs a reduction whose output keeps a size-1 axis
 about 40x slower than the same reduction without it: `sum(x * y, axis=1)` of [1, 2048, 768] floats takes
@@ -7,6 +7,10 @@ reductions for every parameter broadcast over [batch, seq] at batch 1, the batch
 `--xla_cpu_experimental_ynn_fusion_type=-reduce` leaves reductions to XLA's own emitter. XLA reads the
 flag when jax starts its backend, so it must be set before the first computation (or in a child's
 environment); the benchmarks that time both this project and a baseline set it for both alike.
+
+`split_into_host_devices(n)` (the benchmarks' `--devices`) splits the CPU into n host devices: XLA:CPU
+runs one device's mini-batch scan on one thread, so sharding the heads over devices is what lets a
+TTT layer's scan use more than one core.
 """
 
 import os
@@ -21,3 +25,15 @@ def with_reduce_workaround(environment: dict | None = None) -> dict:
     if "xla_cpu_experimental_ynn_fusion_type" not in flags:
         environment["XLA_FLAGS"] = f"{flags} {REDUCE_WORKAROUND}".strip()
     return environment
+
+
+def split_into_host_devices(count: int) -> None:
+    """Splits this process's CPU into `count` host devices (before jax starts its backend).
+
+    XLA:CPU runs one device's ops in order, so a TTT layer's mini-batch scan, a chain of small ops, runs
+    on one thread whatever the cores; heads sharded over host devices run side by side. One device
+    leaves XLA_FLAGS as it is.
+    """
+    if count > 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import reference_speed  # noqa: E402
 import train_step  # noqa: E402
 import ttt_layer  # noqa: E402
-from xla_cpu import REDUCE_WORKAROUND, with_reduce_workaround  # noqa: E402
+from xla_cpu import REDUCE_WORKAROUND, split_into_host_devices, with_reduce_workaround  # noqa: E402
 
 
 def test_reduce_workaround_is_added_once_and_keeps_other_flags():
@@ -23,6 +23,14 @@ def test_reduce_workaround_is_added_once_and_keeps_other_flags():
 def test_reduce_workaround_leaves_a_users_own_setting():
     own = "--xla_cpu_experimental_ynn_fusion_type=dot"
     assert with_reduce_workaround({"XLA_FLAGS": own})["XLA_FLAGS"] == own
+
+
+def test_split_into_host_devices_adds_the_device_count_to_the_flags(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", REDUCE_WORKAROUND)
+    split_into_host_devices(1)
+    assert os.environ["XLA_FLAGS"] == REDUCE_WORKAROUND
+    split_into_host_devices(2)
+    assert os.environ["XLA_FLAGS"] == f"{REDUCE_WORKAROUND} --xla_force_host_platform_device_count=2"
 
 
 def test_reference_speed_refuses_lengths_the_reference_layer_cannot_run(tmp_path):
