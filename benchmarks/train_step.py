@@ -4,11 +4,11 @@ For each preset and sequence length, a fresh process builds the model on one CPU
 `ttt.train.step.train_step` for one row of `seq + 1` tokens (batch 1), runs it once to warm up and
 `--repeats` more times; it reports the median step time, tokens per second, the time relative to the
 Transformer of the same length and dtype, and the process's peak resident memory (each configuration
-has a process of its own, so the peak is its own). `--dtypes` sets the compute dtype (ModelConfig.dtype;
-the parameters and the optimizer stay float32, and so do the TTT inner loop, norms, softmax and loss). Every model uses the same
-rematerialisation (`--remat`, default full: one scanned group's activations at a time), so that
-full attention at 8K fits in memory. The children run with benchmarks/xla_cpu.py's setting unless
-`--no-xla-cpu-reduce-workaround`.
+has a process of its own, so the peak is its own). `--dtypes` sets the compute dtype
+(ModelConfig.dtype); the parameters and the optimizer stay float32, and so do the TTT inner loop,
+norms, softmax and loss. Every model uses the same rematerialisation (`--remat`, default full: one
+scanned group's activations at a time), so that full attention at 8K fits in memory. The children run
+with benchmarks/xla_cpu.py's setting unless `--no-xla-cpu-reduce-workaround`.
 
   python benchmarks/train_step.py                                  # 125M presets at 2K and 8K
   python benchmarks/train_step.py --seqs 2048 --repeats 2 --out /tmp/train_step.json
@@ -60,7 +60,8 @@ def measure(preset: str, seq: int, repeats: int, remat: str, dtype: str) -> dict
             jax.block_until_ready(train_step(model, optimizer, tokens, np.float32(1.0)))
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    return {"preset": preset, "seq": seq, "dtype": dtype, "step_s": step_s, "all_s": times, "tokens_per_s": seq / step_s,
+    return {"preset": preset, "seq": seq, "dtype": dtype, "step_s": step_s, "all_s": times,
+            "tokens_per_s": seq / step_s,
             "compile_and_first_s": compile_and_first, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 

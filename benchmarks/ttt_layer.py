@@ -15,8 +15,8 @@ runs after one compiling run.
 
 `--devices N` runs the mini-batch sweep with the heads split over N host devices (the CPU split with
 `--xla_force_host_platform_device_count`): XLA:CPU runs one device's scan on one thread, so this is
-how the sweep uses more than one core. The matmul rate it is compared with stays the one-device rate,
-which already uses every core.
+how the sweep uses more than one core. The matmul rate it is compared with is still one plain matmul
+on one device, which XLA already runs on every core.
 
 It applies benchmarks/xla_cpu.py's setting (batch 1) unless `--no-xla-cpu-reduce-workaround`.
 """
