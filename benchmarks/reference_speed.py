@@ -34,7 +34,7 @@ import time
 import types
 
 from output import write_json
-from xla_cpu import split_into_host_devices, with_reduce_workaround
+from xla_cpu import restart_with_hugepage_malloc, split_into_host_devices, with_reduce_workaround
 
 HIDDEN, HEADS, MINI_BATCH, REMAT_GROUP = 768, 12, 16, 4
 BASE_LR = {"linear": 1.0, "mlp": 0.1}
@@ -139,6 +139,8 @@ def main(argv=None):
     parser.add_argument("--devices", type=int, default=1,
                         help="host devices the CPU is split into; both layers shard their heads over them")
     parser.add_argument("--xla-cpu-reduce-workaround", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--hugepage-malloc", action="store_true",
+                        help="restart with glibc's malloc on transparent huge pages (benchmarks/xla_cpu.py)")
     parser.add_argument("--out", default="benchmarks/results/reference_speed.json")
     args = parser.parse_args(argv)
     for seq in args.seqs:
@@ -148,6 +150,8 @@ def main(argv=None):
         parser.error(f"--reference-repo {args.reference_repo} has no ttt/models/ttt_layer.py")
     if args.devices < 1 or HEADS % args.devices:
         parser.error(f"--devices {args.devices}: the {HEADS} heads must split evenly over the devices")
+    if args.hugepage_malloc:
+        restart_with_hugepage_malloc(__file__, sys.argv[1:] if argv is None else argv)
     if args.xla_cpu_reduce_workaround:
         with_reduce_workaround()
     split_into_host_devices(args.devices)
@@ -161,7 +165,8 @@ def main(argv=None):
     # One device runs without a mesh, exactly as before --devices existed.
     on_mesh = (lambda: mesh_lib.activate(mesh)) if args.devices > 1 else contextlib.nullcontext
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     print(f"{args.devices} device(s), heads split {args.devices} ways")
     print(f"{'seq':>6} {'inner':6} {'pass':17} {'reference ms':>13} {'ttt ms':>9} {'speed-up':>9}")
     rows = []
@@ -183,7 +188,8 @@ def main(argv=None):
                           f"{row['speedup']:8.2f}x", flush=True)
     print(f"smallest speed-up: {min(r['speedup'] for r in rows):.2f}x")
     result = dict(rows=rows, jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(),
-                  load_average_end=os.getloadavg(), xla_flags=os.environ.get("XLA_FLAGS", ""), args=vars(args))
+                  load_average_end=os.getloadavg(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""), args=vars(args))
     write_json(result, args.out)
 
 

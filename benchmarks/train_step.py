@@ -1,18 +1,25 @@
 """One whole training step (forward, backward, AdamW update) of the 125M presets, by sequence length.
 
-For each preset and sequence length, a fresh process builds the model on one CPU device, compiles
-`ttt.train.step.train_step` for one row of `seq + 1` tokens (batch 1), runs it once to warm up and
-`--repeats` more times; it reports the median step time, tokens per second, the time relative to the
-Transformer of the same length and dtype, and the process's peak resident memory (each configuration
-has a process of its own, so the peak is its own). `--dtypes` sets the compute dtype
-(ModelConfig.dtype); the parameters and the optimizer stay float32, and so do the TTT inner loop,
-norms, softmax and loss. Every model uses the same rematerialisation (`--remat`, default full: one
-scanned group's activations at a time), so that full attention at 8K fits in memory. The children run
-with benchmarks/xla_cpu.py's setting unless `--no-xla-cpu-reduce-workaround`.
+For each preset and sequence length, a fresh process builds the model, compiles `ttt.train.step.train_step`
+for one row of `seq + 1` tokens (batch 1), runs it once to warm up and `--repeats` more times; it
+reports the median step time, tokens per second, the time relative to the Transformer of the same
+length and dtype, and the process's peak resident memory (each configuration has a process of its
+own, so the peak is its own).
+
+- `--dtypes` sets the compute dtype (ModelConfig.dtype); the parameters and the optimizer stay
+  float32, and so do the TTT inner loop, norms, softmax and loss.
+- `--devices N` splits the CPU into N host devices and shards every model's heads and MLP over them
+  (MeshConfig(data=1, tensor=N)): XLA:CPU runs a TTT layer's scan on one thread per device
+  (benchmarks/xla_cpu.py). The default is one device.
+- Every model uses the same rematerialisation (`--remat`, default full: one scanned group's
+  activations at a time), so that full attention at 8K fits in memory.
+- The children run with benchmarks/xla_cpu.py's setting unless `--no-xla-cpu-reduce-workaround`, and
+  with glibc's malloc on huge pages with `--hugepage-malloc` (see there).
 
   python benchmarks/train_step.py                                  # 125M presets at 2K and 8K
   python benchmarks/train_step.py --seqs 2048 --repeats 2 --out /tmp/train_step.json
   python benchmarks/train_step.py --seqs 2048 --dtypes float32 bfloat16     # what bfloat16 buys
+  python benchmarks/train_step.py --seqs 2048 --devices 2                   # both cores of a 2-core CPU
 """
 
 import argparse
@@ -26,13 +33,13 @@ import sys
 import time
 
 from output import write_json
-from xla_cpu import with_reduce_workaround
+from xla_cpu import split_into_host_devices, with_hugepage_malloc, with_reduce_workaround
 
 PRESETS = ("transformer-125m", "ttt-linear-125m", "ttt-mlp-125m", "hybrid-swa-ttt-125m")
 BASELINE = "transformer-125m"
 
 
-def measure(preset: str, seq: int, repeats: int, remat: str, dtype: str) -> dict:
+def measure(preset: str, seq: int, repeats: int, remat: str, dtype: str, devices: int) -> dict:
     """Runs in the child process: compile, warm up and time one configuration."""
     import jax
     import numpy as np
@@ -45,7 +52,7 @@ def measure(preset: str, seq: int, repeats: int, remat: str, dtype: str) -> dict
     from flax import nnx
 
     config = configs.get(preset, max_seq_len=max(seq, 2048), remat=remat, dtype=dtype)
-    mesh = mesh_lib.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    mesh = mesh_lib.make_mesh(MeshConfig(data=1, tensor=devices), devices=jax.devices()[:devices])
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, 1, seq + 1), dtype=np.int32)
     with mesh_lib.activate(mesh):
         model = create_model(config, mesh, seed=0)
@@ -60,15 +67,22 @@ def measure(preset: str, seq: int, repeats: int, remat: str, dtype: str) -> dict
             jax.block_until_ready(train_step(model, optimizer, tokens, np.float32(1.0)))
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
-    return {"preset": preset, "seq": seq, "dtype": dtype, "step_s": step_s, "all_s": times,
+    return {"preset": preset, "seq": seq, "dtype": dtype, "devices": devices, "step_s": step_s, "all_s": times,
             "tokens_per_s": seq / step_s,
-            "compile_and_first_s": compile_and_first, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "compile_and_first_s": compile_and_first,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
-def run_child(preset: str, seq: int, repeats: int, remat: str, dtype: str, workaround: bool) -> dict:
+def run_child(preset: str, seq: int, repeats: int, remat: str, dtype: str, devices: int, workaround: bool,
+              hugepage_malloc: bool) -> dict:
     """`measure` in a fresh process (its own peak memory); a failure (e.g. out of memory) is a row too."""
-    command = [sys.executable, __file__, "--child", preset, str(seq), str(repeats), remat, dtype]
-    environment = with_reduce_workaround(dict(os.environ)) if workaround else None
+    command = [sys.executable, __file__, "--child", preset, str(seq), str(repeats), remat, dtype, str(devices)]
+    environment = split_into_host_devices(devices, dict(os.environ))
+    if workaround:
+        environment = with_reduce_workaround(environment)
+    if hugepage_malloc:
+        environment = with_hugepage_malloc(environment)
     done = subprocess.run(command, capture_output=True, text=True, env=environment)
     if done.returncode:
         return {"preset": preset, "seq": seq, "dtype": dtype, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
@@ -99,16 +113,24 @@ def main(argv=None):
     parser.add_argument("--remat", default="full", help="rematerialisation of every model (ModelConfig.remat)")
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                         help="compute dtypes (ModelConfig.dtype), each measured for every preset and length")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="host devices the CPU is split into; every model shards its heads and MLP over them "
+                             "(MeshConfig(data=1, tensor=N))")
     parser.add_argument("--xla-cpu-reduce-workaround", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--hugepage-malloc", action="store_true",
+                        help="children run with glibc's malloc on transparent huge pages (benchmarks/xla_cpu.py)")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args(argv)
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; batch 1, "
-          f"remat {args.remat}; load average before: {os.getloadavg()[0]:.1f}", flush=True)
+    if args.devices < 1:
+        parser.error(f"--devices {args.devices}: expected at least 1")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores split into {args.devices} device(s); "
+          f"batch 1, remat {args.remat}; load average before: {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     for seq in args.seqs:
         for dtype in args.dtypes:
             for preset in args.presets:
-                rows.append(run_child(preset, seq, args.repeats, args.remat, dtype, args.xla_cpu_reduce_workaround))
+                rows.append(run_child(preset, seq, args.repeats, args.remat, dtype, args.devices,
+                                      args.xla_cpu_reduce_workaround, args.hugepage_malloc))
                 print(f"  {preset} at {seq} in {dtype}: {rows[-1].get('step_s', rows[-1].get('error'))}", flush=True)
     print_table(rows)
     result = {"rows": rows, "args": vars(args), "cpu_count": os.cpu_count(), "load_average_after": os.getloadavg()}
@@ -118,7 +140,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        preset, seq, repeats, remat, dtype = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6]
-        print(json.dumps(measure(preset, seq, repeats, remat, dtype)))
+        preset, seq, repeats, remat, dtype, devices = sys.argv[2:8]
+        print(json.dumps(measure(preset, int(seq), int(repeats), remat, dtype, int(devices))))
     else:
         main()

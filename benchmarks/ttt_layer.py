@@ -18,7 +18,9 @@ runs after one compiling run.
 how the sweep uses more than one core. The matmul rate it is compared with is still one plain matmul
 on one device, which XLA already runs on every core.
 
-It applies benchmarks/xla_cpu.py's setting (batch 1) unless `--no-xla-cpu-reduce-workaround`.
+It applies benchmarks/xla_cpu.py's setting (batch 1) unless `--no-xla-cpu-reduce-workaround`;
+`--hugepage-malloc` runs it with glibc's malloc on huge pages (see there: at large b, page faults on
+XLA:CPU's fresh temporaries are a large part of the time).
 """
 
 import argparse
@@ -26,6 +28,7 @@ import functools
 import os
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -38,7 +41,7 @@ import ttt
 from ttt import ops
 from ttt.configs import TTTLayerConfig
 from output import write_json
-from xla_cpu import split_into_host_devices, with_reduce_workaround
+from xla_cpu import restart_with_hugepage_malloc, split_into_host_devices, with_reduce_workaround
 
 HIDDEN, HEADS, MINI_BATCH = 768, 12, 16
 HEAD_DIM = HIDDEN // HEADS
@@ -218,10 +221,14 @@ def main(argv=None):
     parser.add_argument("--devices", type=int, default=1,
                         help="host devices the CPU is split into; the mini-batch sweep splits the heads over them")
     parser.add_argument("--xla-cpu-reduce-workaround", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--hugepage-malloc", action="store_true",
+                        help="restart with glibc's malloc on transparent huge pages (benchmarks/xla_cpu.py)")
     parser.add_argument("--out", default="benchmarks/results/ttt_layer.json")
     args = parser.parse_args(argv)
     if args.devices < 1 or HEADS % args.devices:
         parser.error(f"--devices {args.devices}: the {HEADS} heads must split evenly over the devices")
+    if args.hugepage_malloc:
+        restart_with_hugepage_malloc(__file__, sys.argv[1:] if argv is None else argv)
     if args.xla_cpu_reduce_workaround:
         with_reduce_workaround()
     split_into_host_devices(args.devices)
@@ -233,7 +240,8 @@ def main(argv=None):
         print(f"\ndual form by mini-batch size, seq {max(args.seqs)}, heads over {args.devices} device(s)")
         result["mini_batch_rows"] = run_mini_batches(max(args.seqs), args.mini_batches, args.repeats,
                                                      result["matmul_gflops"], args.devices)
-    result.update(jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(), args=vars(args))
+    result.update(jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(), args=vars(args),
+                  glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
     write_json(result, args.out)
 
 

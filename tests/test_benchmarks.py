@@ -1,7 +1,9 @@
 """The benchmark scripts' own settings and argument checks (their timings are not tested)."""
 
 import os
+import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -10,7 +12,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import reference_speed  # noqa: E402
 import train_step  # noqa: E402
 import ttt_layer  # noqa: E402
-from xla_cpu import REDUCE_WORKAROUND, split_into_host_devices, with_reduce_workaround  # noqa: E402
+from xla_cpu import (HUGEPAGE_TUNABLE, REDUCE_WORKAROUND, split_into_host_devices, with_hugepage_malloc,  # noqa: E402
+                     with_reduce_workaround)
 
 
 def test_reduce_workaround_is_added_once_and_keeps_other_flags():
@@ -31,6 +34,34 @@ def test_split_into_host_devices_adds_the_device_count_to_the_flags(monkeypatch)
     assert os.environ["XLA_FLAGS"] == REDUCE_WORKAROUND
     split_into_host_devices(2)
     assert os.environ["XLA_FLAGS"] == f"{REDUCE_WORKAROUND} --xla_force_host_platform_device_count=2"
+
+
+def test_hugepage_malloc_is_added_once_and_keeps_other_tunables():
+    environment = with_hugepage_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1", "PATH": "/bin"})
+    assert environment == {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=1:{HUGEPAGE_TUNABLE}", "PATH": "/bin"}
+    assert with_hugepage_malloc(dict(environment)) == environment
+    assert with_hugepage_malloc({})["GLIBC_TUNABLES"] == HUGEPAGE_TUNABLE
+
+
+def test_restart_with_hugepage_malloc_reruns_the_script_once_with_its_arguments(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {os.path.join(os.path.dirname(__file__), "..", "benchmarks")!r})
+        from xla_cpu import restart_with_hugepage_malloc
+        print("started", sys.argv[1:], os.environ.get("GLIBC_TUNABLES"), flush=True)
+        restart_with_hugepage_malloc(__file__, sys.argv[1:])
+        print("running", flush=True)
+    """))
+    environment = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, str(script), "--seqs", "64"], capture_output=True, text=True,
+                          env=environment, check=True)
+    assert done.stdout.splitlines() == [
+        "started ['--seqs', '64'] None",
+        f"restarting with GLIBC_TUNABLES={HUGEPAGE_TUNABLE}",
+        f"started ['--seqs', '64'] {HUGEPAGE_TUNABLE}",
+        "running",
+    ]
 
 
 def test_reference_speed_refuses_lengths_the_reference_layer_cannot_run(tmp_path):
@@ -103,3 +134,28 @@ def test_ttt_layer_refuses_devices_that_do_not_split_the_heads(capsys):
     with pytest.raises(SystemExit):
         ttt_layer.main(["--devices", "5"])
     assert "--devices 5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("devices, hugepages", [(1, False), (2, True)])
+def test_train_step_child_gets_its_devices_and_malloc_setting(monkeypatch, devices, hugepages):
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    started = {}
+
+    def fake_run(command, env, **kwargs):
+        started.update(command=command, env=env)
+        return subprocess.CompletedProcess(command, 0, stdout='{"step_s": 1.0}\n', stderr="")
+
+    monkeypatch.setattr(train_step.subprocess, "run", fake_run)
+    row = train_step.run_child("ttt-linear-125m", 2048, 3, "full", "float32", devices, True, hugepages)
+    assert row == {"step_s": 1.0}
+    assert started["command"][-1] == str(devices)  # measure(..., devices) builds a tensor = devices mesh
+    flags = started["env"]["XLA_FLAGS"].split()
+    assert REDUCE_WORKAROUND in flags
+    assert ("--xla_force_host_platform_device_count=2" in flags) == (devices == 2)
+    assert (started["env"].get("GLIBC_TUNABLES") == HUGEPAGE_TUNABLE) == hugepages
+
+
+def test_train_step_refuses_no_devices():
+    with pytest.raises(SystemExit):
+        train_step.main(["--devices", "0"])
