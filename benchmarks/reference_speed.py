@@ -34,7 +34,7 @@ import time
 import types
 
 from output import write_json
-from xla_cpu import restart_with_hugepage_malloc, split_into_host_devices, with_reduce_workaround
+from xla_cpu import add_cpu_arguments, apply_in_this_process, check_devices
 
 HIDDEN, HEADS, MINI_BATCH, REMAT_GROUP = 768, 12, 16, 4
 BASE_LR = {"linear": 1.0, "mlp": 0.1}
@@ -136,11 +136,7 @@ def main(argv=None):
     parser.add_argument("--seqs", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--inner", nargs="+", default=["linear", "mlp"], choices=["linear", "mlp"])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--devices", type=int, default=1,
-                        help="host devices the CPU is split into; both layers shard their heads over them")
-    parser.add_argument("--xla-cpu-reduce-workaround", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--hugepage-malloc", action="store_true",
-                        help="restart with glibc's malloc on transparent huge pages (benchmarks/xla_cpu.py)")
+    add_cpu_arguments(parser, "both layers shard their heads over them")
     parser.add_argument("--out", default="benchmarks/results/reference_speed.json")
     args = parser.parse_args(argv)
     for seq in args.seqs:
@@ -148,13 +144,8 @@ def main(argv=None):
             parser.error(f"--seqs {seq}: the reference layer needs multiples of {MINI_BATCH * REMAT_GROUP}")
     if not os.path.isfile(os.path.join(args.reference_repo, "ttt/models/ttt_layer.py")):
         parser.error(f"--reference-repo {args.reference_repo} has no ttt/models/ttt_layer.py")
-    if args.devices < 1 or HEADS % args.devices:
-        parser.error(f"--devices {args.devices}: the {HEADS} heads must split evenly over the devices")
-    if args.hugepage_malloc:
-        restart_with_hugepage_malloc(__file__, sys.argv[1:] if argv is None else argv)
-    if args.xla_cpu_reduce_workaround:
-        with_reduce_workaround()
-    split_into_host_devices(args.devices)
+    check_devices(parser, args.devices, HEADS)
+    apply_in_this_process(args, __file__, sys.argv[1:] if argv is None else argv)
     import jax
 
     from ttt.configs.train import MeshConfig

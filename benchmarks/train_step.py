@@ -33,7 +33,7 @@ import sys
 import time
 
 from output import write_json
-from xla_cpu import split_into_host_devices, with_hugepage_malloc, with_reduce_workaround
+from xla_cpu import add_cpu_arguments, check_devices, cpu_environment
 
 PRESETS = ("transformer-125m", "ttt-linear-125m", "ttt-mlp-125m", "hybrid-swa-ttt-125m")
 BASELINE = "transformer-125m"
@@ -74,16 +74,12 @@ def measure(preset: str, seq: int, repeats: int, remat: str, dtype: str, devices
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
-def run_child(preset: str, seq: int, repeats: int, remat: str, dtype: str, devices: int, workaround: bool,
-              hugepage_malloc: bool) -> dict:
-    """`measure` in a fresh process (its own peak memory); a failure (e.g. out of memory) is a row too."""
-    command = [sys.executable, __file__, "--child", preset, str(seq), str(repeats), remat, dtype, str(devices)]
-    environment = split_into_host_devices(devices, dict(os.environ))
-    if workaround:
-        environment = with_reduce_workaround(environment)
-    if hugepage_malloc:
-        environment = with_hugepage_malloc(environment)
-    done = subprocess.run(command, capture_output=True, text=True, env=environment)
+def run_child(preset: str, seq: int, dtype: str, args: argparse.Namespace) -> dict:
+    """`measure` in a fresh process (its own peak memory), with the CPU settings of `args` in its environment;
+    a failure (e.g. out of memory) is a row too."""
+    command = [sys.executable, __file__, "--child", preset, str(seq), str(args.repeats), args.remat, dtype,
+               str(args.devices)]
+    done = subprocess.run(command, capture_output=True, text=True, env=cpu_environment(args, dict(os.environ)))
     if done.returncode:
         return {"preset": preset, "seq": seq, "dtype": dtype, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -113,24 +109,17 @@ def main(argv=None):
     parser.add_argument("--remat", default="full", help="rematerialisation of every model (ModelConfig.remat)")
     parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                         help="compute dtypes (ModelConfig.dtype), each measured for every preset and length")
-    parser.add_argument("--devices", type=int, default=1,
-                        help="host devices the CPU is split into; every model shards its heads and MLP over them "
-                             "(MeshConfig(data=1, tensor=N))")
-    parser.add_argument("--xla-cpu-reduce-workaround", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--hugepage-malloc", action="store_true",
-                        help="children run with glibc's malloc on transparent huge pages (benchmarks/xla_cpu.py)")
+    add_cpu_arguments(parser, "every model shards its heads and MLP over them (MeshConfig(data=1, tensor=N))")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
     args = parser.parse_args(argv)
-    if args.devices < 1:
-        parser.error(f"--devices {args.devices}: expected at least 1")
+    check_devices(parser, args.devices)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores split into {args.devices} device(s); "
           f"batch 1, remat {args.remat}; load average before: {os.getloadavg()[0]:.1f}", flush=True)
     rows = []
     for seq in args.seqs:
         for dtype in args.dtypes:
             for preset in args.presets:
-                rows.append(run_child(preset, seq, args.repeats, args.remat, dtype, args.devices,
-                                      args.xla_cpu_reduce_workaround, args.hugepage_malloc))
+                rows.append(run_child(preset, seq, dtype, args))
                 print(f"  {preset} at {seq} in {dtype}: {rows[-1].get('step_s', rows[-1].get('error'))}", flush=True)
     print_table(rows)
     result = {"rows": rows, "args": vars(args), "cpu_count": os.cpu_count(), "load_average_after": os.getloadavg()}

@@ -41,7 +41,7 @@ import ttt
 from ttt import ops
 from ttt.configs import TTTLayerConfig
 from output import write_json
-from xla_cpu import restart_with_hugepage_malloc, split_into_host_devices, with_reduce_workaround
+from xla_cpu import add_cpu_arguments, apply_in_this_process, check_devices
 
 HIDDEN, HEADS, MINI_BATCH = 768, 12, 16
 HEAD_DIM = HIDDEN // HEADS
@@ -218,20 +218,11 @@ def main(argv=None):
     parser.add_argument("--primal-max-seq", type=int, default=1024, help="skip the (slow) primal form above this length")
     parser.add_argument("--mini-batches", type=int, nargs="*", default=[16, 64, 256, 1024],
                         help="mini-batch sizes b of the dual-form sweep (at the longest --seqs); none to skip it")
-    parser.add_argument("--devices", type=int, default=1,
-                        help="host devices the CPU is split into; the mini-batch sweep splits the heads over them")
-    parser.add_argument("--xla-cpu-reduce-workaround", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--hugepage-malloc", action="store_true",
-                        help="restart with glibc's malloc on transparent huge pages (benchmarks/xla_cpu.py)")
+    add_cpu_arguments(parser, "the mini-batch sweep splits the heads over them")
     parser.add_argument("--out", default="benchmarks/results/ttt_layer.json")
     args = parser.parse_args(argv)
-    if args.devices < 1 or HEADS % args.devices:
-        parser.error(f"--devices {args.devices}: the {HEADS} heads must split evenly over the devices")
-    if args.hugepage_malloc:
-        restart_with_hugepage_malloc(__file__, sys.argv[1:] if argv is None else argv)
-    if args.xla_cpu_reduce_workaround:
-        with_reduce_workaround()
-    split_into_host_devices(args.devices)
+    check_devices(parser, args.devices, HEADS)
+    apply_in_this_process(args, __file__, sys.argv[1:] if argv is None else argv)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores)")
     result = run(args.seqs, args.repeats, args.primal_max_seq)

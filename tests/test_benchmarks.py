@@ -1,5 +1,6 @@
 """The benchmark scripts' own settings and argument checks (their timings are not tested)."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import ttt_layer  # noqa: E402
 from xla_cpu import (HUGEPAGE_TUNABLE, REDUCE_WORKAROUND, split_into_host_devices, with_hugepage_malloc,  # noqa: E402
                      with_reduce_workaround)
 
+CPU_ARGUMENTS = dict(devices=2, xla_cpu_reduce_workaround=True, hugepage_malloc=True)
+
 
 def test_reduce_workaround_is_added_once_and_keeps_other_flags():
     environment = with_reduce_workaround({"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
@@ -28,12 +31,11 @@ def test_reduce_workaround_leaves_a_users_own_setting():
     assert with_reduce_workaround({"XLA_FLAGS": own})["XLA_FLAGS"] == own
 
 
-def test_split_into_host_devices_adds_the_device_count_to_the_flags(monkeypatch):
-    monkeypatch.setenv("XLA_FLAGS", REDUCE_WORKAROUND)
-    split_into_host_devices(1)
-    assert os.environ["XLA_FLAGS"] == REDUCE_WORKAROUND
-    split_into_host_devices(2)
-    assert os.environ["XLA_FLAGS"] == f"{REDUCE_WORKAROUND} --xla_force_host_platform_device_count=2"
+def test_split_into_host_devices_adds_the_device_count_to_the_flags():
+    environment = {"XLA_FLAGS": REDUCE_WORKAROUND}
+    assert split_into_host_devices(1, environment) == {"XLA_FLAGS": REDUCE_WORKAROUND}
+    split_into_host_devices(2, environment)
+    assert environment["XLA_FLAGS"] == f"{REDUCE_WORKAROUND} --xla_force_host_platform_device_count=2"
 
 
 def test_hugepage_malloc_is_added_once_and_keeps_other_tunables():
@@ -43,24 +45,24 @@ def test_hugepage_malloc_is_added_once_and_keeps_other_tunables():
     assert with_hugepage_malloc({})["GLIBC_TUNABLES"] == HUGEPAGE_TUNABLE
 
 
-def test_restart_with_hugepage_malloc_reruns_the_script_once_with_its_arguments(tmp_path):
+def test_huge_pages_restart_the_script_once_with_its_arguments_then_the_flags_are_set_once(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(f"""
-        import os, sys
+        import argparse, os, sys
         sys.path.insert(0, {os.path.join(os.path.dirname(__file__), "..", "benchmarks")!r})
-        from xla_cpu import restart_with_hugepage_malloc
+        from xla_cpu import apply_in_this_process
         print("started", sys.argv[1:], os.environ.get("GLIBC_TUNABLES"), flush=True)
-        restart_with_hugepage_malloc(__file__, sys.argv[1:])
-        print("running", flush=True)
+        apply_in_this_process(argparse.Namespace(**{CPU_ARGUMENTS!r}), __file__, sys.argv[1:])
+        print("running", os.environ["XLA_FLAGS"], flush=True)
     """))
-    environment = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    environment = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"XLA_FLAGS": ""}
     done = subprocess.run([sys.executable, str(script), "--seqs", "64"], capture_output=True, text=True,
                           env=environment, check=True)
     assert done.stdout.splitlines() == [
         "started ['--seqs', '64'] None",
         f"restarting with GLIBC_TUNABLES={HUGEPAGE_TUNABLE}",
         f"started ['--seqs', '64'] {HUGEPAGE_TUNABLE}",
-        "running",
+        f"running {REDUCE_WORKAROUND} --xla_force_host_platform_device_count=2",
     ]
 
 
@@ -147,7 +149,9 @@ def test_train_step_child_gets_its_devices_and_malloc_setting(monkeypatch, devic
         return subprocess.CompletedProcess(command, 0, stdout='{"step_s": 1.0}\n', stderr="")
 
     monkeypatch.setattr(train_step.subprocess, "run", fake_run)
-    row = train_step.run_child("ttt-linear-125m", 2048, 3, "full", "float32", devices, True, hugepages)
+    args = argparse.Namespace(**CPU_ARGUMENTS | dict(devices=devices, hugepage_malloc=hugepages), repeats=3,
+                              remat="full")
+    row = train_step.run_child("ttt-linear-125m", 2048, "float32", args)
     assert row == {"step_s": 1.0}
     assert started["command"][-1] == str(devices)  # measure(..., devices) builds a tensor = devices mesh
     flags = started["env"]["XLA_FLAGS"].split()
