@@ -6,8 +6,8 @@ section 2.7).
 
 `prepare` reads token-major mini-batches [num, batch, b, heads, d] (mini_batch.split_tokens); inside a
 scan step (after mini_batch.scan_form's transpose) keys_queries: [batch, heads, 2b, d] (k above q);
-target: [batch, heads, b, d]; eta, update: [batch, heads, b]; the coefficients [batch, heads, b, b];
-ln_weight, ln_bias: [heads, 1, d] or None; token_scale: [b].
+target: [batch, heads, b, d]; eta, update, token_scale: [batch, heads, b]; the coefficients
+[batch, heads, b, b]; ln_weight, ln_bias: [heads, 1, d] or None.
 """
 
 import jax
@@ -18,21 +18,26 @@ from ttt.inner_models import gelu
 from ttt.layer_norm import reconstruction_grad
 
 
-def prepare(q, k, v, eta, update):
+def prepare(q, k, v, eta, update, token_scale):
     """Scan inputs for both dual forms, from token-major q, k, v [num, batch, b, heads, d], eta and update
-    [num, batch, heads, b]. The [b, b] coefficient and attention matrices are formed inside each step,
-    where they stay in cache: precomputed for the whole sequence they are num * b^2 per head, written
-    out and read back (at b = 256 that product alone took a third of the forward)."""
+    [num, batch, heads, b] and token_scale [b]. The [b, b] coefficient and attention matrices are formed
+    inside each step, where they stay in cache: precomputed for the whole sequence they are num * b^2
+    per head, written out and read back (at b = 256 that product alone took a third of the forward)."""
     # Keys and queries of a mini-batch meet the same first-layer weights: one product of twice the rows.
     keys_queries = jnp.concatenate([k, q], axis=-3)
-    return {"keys_queries": keys_queries, "target": v - k, "eta": eta, "update": update}
+    # The token scale is read per head and step, so that its gradient is summed over heads once, after
+    # the scan: closed over as [b], it was summed over heads in every step, and with heads sharded
+    # that sum was an all-reduce, a synchronisation of the devices per step of the backward scan.
+    return {"keys_queries": keys_queries, "target": v - k, "eta": eta, "update": update,
+            "token_scale": jnp.broadcast_to(token_scale, eta.shape)}
 
 
 def causal_coefficients(eta: jax.Array, token_scale: jax.Array) -> jax.Array:
-    """coeff[..., i, j] = s_i * eta_j for j <= i, else 0: [..., b, b] from eta [..., b] and token_scale [b]."""
+    """coeff[..., i, j] = s_i * eta_j for j <= i, else 0: [..., b, b] from eta [..., b] and token_scale [..., b]
+    (or [b])."""
     size = eta.shape[-1]
     causal = np.tril(np.ones((size, size), np.float32))
-    return token_scale[:, None] * causal * eta[..., None, :]
+    return token_scale[..., :, None] * causal * eta[..., None, :]
 
 
 def _attention(coeff, queries, keys):
@@ -56,14 +61,14 @@ def _subtract_update(w, inputs, scaled_grad):
     return w - jnp.swapaxes(inputs, -1, -2) @ scaled_grad
 
 
-def make_linear_body(ln_weight, ln_bias, token_scale):
+def make_linear_body(ln_weight, ln_bias):
     """Scan body of TTT-Linear: `({"W", "b"}, xs) -> (next params, g(q; theta_t) [batch, heads, b, d])`."""
 
     def body(params, xs):
         w = params["W"]
         k, q, z_k, z_q = _first_layer(xs, w, params["b"][..., None, :])
         grad_z = reconstruction_grad(z_k, xs["target"], ln_weight, ln_bias)
-        inner_out = z_q - _attention(causal_coefficients(xs["eta"], token_scale), q, k) @ grad_z
+        inner_out = z_q - _attention(causal_coefficients(xs["eta"], xs["token_scale"]), q, k) @ grad_z
         scaled = xs["update"][..., None] * grad_z
         next_params = {"W": _subtract_update(w, k, scaled), "b": params["b"] - scaled.sum(-2)}
         return next_params, inner_out
@@ -71,14 +76,14 @@ def make_linear_body(ln_weight, ln_bias, token_scale):
     return body
 
 
-def make_mlp_body(ln_weight, ln_bias, token_scale):
+def make_mlp_body(ln_weight, ln_bias):
     """Scan body of TTT-MLP: `({"W1", "b1", "W2", "b2"}, xs) -> (next params, g(q; theta_t))`."""
 
     def body(params, xs):
         w1, b1 = params["W1"], params["b1"][..., None, :]
         w2, b2 = params["W2"], params["b2"][..., None, :]
         k, q, z1_k, z1_q = _first_layer(xs, w1, b1)
-        coeff = causal_coefficients(xs["eta"], token_scale)
+        coeff = causal_coefficients(xs["eta"], xs["token_scale"])
         hidden_k, gelu_vjp = jax.vjp(gelu, z1_k)
         grad_z2 = reconstruction_grad(hidden_k @ w2 + b2, xs["target"], ln_weight, ln_bias)
         # An einsum rather than `@ swapaxes(w2)`: the swap's adjoint would add this product's W2 gradient

@@ -123,7 +123,7 @@ def scan_form(model: InnerModel, form: str, params, q, k, v, eta, token_scale, u
     if form == "dual":
         # LN parameters shaped [heads, 1, d] to broadcast over [batch, heads, tokens, d].
         head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
-        xs, body = dual.prepare(q, k, v, eta, update), _DUAL_BODIES[model.name](*head_ln, token_scale)
+        xs, body = dual.prepare(q, k, v, eta, update, token_scale), _DUAL_BODIES[model.name](*head_ln)
     else:
         coeff = dual.causal_coefficients(eta, token_scale)
         xs, body = primal.prepare(q, k, v, coeff, update), primal.make_body(model, ln_weight, ln_bias)

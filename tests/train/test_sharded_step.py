@@ -5,6 +5,8 @@ The sharded step also accumulates gradients over two micro-batches while the sin
 takes the batch whole, so the same comparison checks gradient accumulation.
 """
 
+import re
+
 import jax
 import jax.monitoring
 import numpy as np
@@ -13,7 +15,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+import ttt
 from tests.train.conftest import MICRO_E2E_MODEL, MICRO_MODEL
+from ttt.configs import TTTLayerConfig
 from ttt.configs.train import MeshConfig, OptimizerConfig
 from ttt.train import mesh as mesh_lib
 from ttt.train.optim import make_optimizer
@@ -87,3 +91,46 @@ def test_document_starts_are_traced_so_new_starts_reuse_the_compiled_step():
         starts[0, 1, MICRO_MODEL.ttt.mini_batch_size] = True
         metrics = jax.device_get(train_step(model, optimizer, tokens, np.float32(1.0), mask, starts))
         assert metrics["finite"] and len(_COMPILATIONS) == compiled_before, "train_step recompiled for new starts"
+
+
+def _loop_collectives(hlo: str) -> tuple[list[str], int]:
+    """(the all-reduce instructions that a while loop's body runs, directly or through the computations it
+    calls; the number of while loops) of a compiled HLO module's text."""
+    blocks, name = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+        if header:
+            name = header.group(1)
+            blocks[name] = []
+        elif name:
+            blocks[name].append(line)
+    called = {n: re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", "\n".join(lines))
+              for n, lines in blocks.items()}
+    bodies = [b for lines in blocks.values() for b in re.findall(r"body=%([\w.\-]+)", "\n".join(lines))]
+    reached, pending = set(), list(bodies)
+    while pending:
+        n = pending.pop()
+        if n not in reached:
+            reached.add(n)
+            pending.extend(called.get(n, ()))
+    collectives = [line for n in reached for line in blocks.get(n, ()) if re.search(r"all-reduce(-start)?\(", line)]
+    return collectives, len(bodies)
+
+
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+def test_ttt_layer_backward_scan_does_not_synchronise_the_devices_per_step(inner):
+    """With heads split over devices, every array of the mini-batch scan is per head, so its backward needs
+    no collective inside the loop: parameters shared by the heads (the token scale) have their gradients
+    summed over heads once, after it. An all-reduce per step would synchronise the devices 2 * seq / b times
+    per layer."""
+    mesh = mesh_lib.make_mesh(MeshConfig(data=1, tensor=2), devices=jax.devices()[:2])
+    config = TTTLayerConfig(16, 2, inner=inner, mini_batch_size=4, remat_group_size=2)
+    with mesh_lib.activate(mesh):
+        graphdef, params = nnx.split(ttt.TTTLayer(config, rngs=nnx.Rngs(0)))
+        x = jax.device_put(np.ones((1, 32, 16), np.float32), mesh_lib.replicated(mesh))
+        loss = lambda p: nnx.merge(graphdef, p)(x).sum()
+        hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    collectives, loops = _loop_collectives(hlo)
+    assert loops >= 2, "expected the forward and backward scans as while loops"
+    assert "all-reduce(" in hlo, "expected the heads to be sharded (the layer output sums over them)"
+    assert collectives == []
