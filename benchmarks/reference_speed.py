@@ -87,7 +87,10 @@ def reference_functions(reference, inner: str, seq: int):
     layer = (reference.TTTLinear if inner == "linear" else reference.TTTMLP)(config=config)
     x = jax.random.normal(jax.random.key(0), (1, seq, HIDDEN), jnp.float32)
     positions = jnp.arange(seq)[None]
-    params = layer.init(jax.random.key(1), x, None, positions)
+    # Jitted, one program: run eagerly on 2 host devices, the initialising forward's ops (dispatched one by
+    # one, asynchronously) ended the process twice, a collective's rendezvous in XLA:CPU waiting past its
+    # 40 s limit for the other device.
+    params = jax.jit(layer.init)(jax.random.key(1), x, None, positions)
     apply = lambda p, x: layer.apply(p, x, None, positions)[0]
     return _forward_and_backward(apply), (params, x)
 
@@ -119,6 +122,8 @@ def interleaved_medians(calls: dict, repeats: int) -> dict:
     """{name: (fn, args)} -> {name: median seconds}, the calls alternating in every repetition."""
     import jax
 
+    # Nothing of the inputs' own computations (initialisation, resharding) in flight while compiling.
+    jax.block_until_ready([args for _, args in calls.values()])
     for fn, args in calls.values():
         jax.block_until_ready(fn(*args))  # compile
     times = {name: [] for name in calls}
