@@ -146,10 +146,23 @@ def parameter_specs(abstract_state: nnx.State, mesh: Mesh) -> dict[str, Partitio
 
 @contextlib.contextmanager
 def activate(mesh: Mesh):
-    """Install `mesh` and the logical axis rules: create models and run steps inside this."""
+    """Install `mesh` and the logical axis rules (without the mesh's size-1 axes, `rules_on`): create models
+    and run steps inside this."""
     check_rules()
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules_on(mesh)):
         yield
+
+
+def rules_on(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """`rules` without the mesh axes of size 1 on `mesh`. Such an axis splits nothing, and a jitted step
+    returns its outputs without it; inputs named with it would be a different program to XLA, so the
+    second training step would compile again."""
+
+    def kept(target):
+        axes = tuple(a for a in ((target,) if isinstance(target, str) else (target or ())) if mesh.shape[a] > 1)
+        return axes[0] if len(axes) == 1 else (axes or None)
+
+    return tuple((name, kept(target)) for name, target in rules)
 
 
 def state_shardings(axes, mesh: Mesh):

@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ttt.configs import ModelConfig
 from ttt.context import Context
 from ttt.models import LM
+from ttt.sharding import constrain
 from ttt.models.info import abstract_model, count_parameters  # noqa: F401 (step.count_parameters)
 from ttt.train import mesh as mesh_lib
 
@@ -71,7 +72,23 @@ def train_step(model: LM, optimizer: nnx.Optimizer, tokens: jax.Array,
     loss = losses.mean()
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
+    for node in (model, optimizer):
+        _keep_shardings(node)
     return {"loss": loss, "grad_norm": grad_norm, "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+
+
+def _keep_shardings(node) -> None:
+    """Constrains every variable of `node` (in place) to the sharding of its logical axis names: left to
+    XLA, norm parameters came out split over `tensor`, a new input sharding that compiled the next step
+    again."""
+
+    def constrain_variable(variable):
+        value = variable.get_value()
+        axes = variable.get_metadata().get("out_sharding") or (None,) * value.ndim
+        return variable.replace(constrain(value, tuple(axes)))
+
+    state = nnx.state(node)
+    nnx.update(node, jax.tree.map(constrain_variable, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 @nnx.jit

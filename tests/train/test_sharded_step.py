@@ -93,6 +93,22 @@ def test_document_starts_are_traced_so_new_starts_reuse_the_compiled_step():
         assert metrics["finite"] and len(_COMPILATIONS) == compiled_before, "train_step recompiled for new starts"
 
 
+def test_the_second_step_on_a_mesh_with_a_size_one_axis_does_not_compile_again():
+    """A jitted step returns its outputs without the mesh's size-1 axes (here fsdp) in their shardings and
+    placed as XLA chose (norm parameters came out split over tensor); parameters created with other
+    shardings made the second step a new program."""
+    mesh = mesh_lib.make_mesh(MeshConfig(data=1, tensor=2), devices=jax.devices()[:2])
+    tokens = np.random.default_rng(0).integers(0, MICRO_MODEL.vocab_size, (1, 2, 33), dtype=np.int32)
+    with mesh_lib.activate(mesh):
+        model = create_model(MICRO_MODEL, mesh, seed=0)
+        optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+        tokens = jax.device_put(tokens, token_sharding(mesh))
+        train_step(model, optimizer, tokens, np.float32(1.0))
+        compiled = len(_COMPILATIONS)
+        jax.block_until_ready(train_step(model, optimizer, tokens, np.float32(1.0)))
+        assert len(_COMPILATIONS) == compiled, "the second train_step compiled again"
+
+
 def _loop_collectives(hlo: str) -> tuple[list[str], int]:
     """(the all-reduce instructions that a while loop's body runs, directly or through the computations it
     calls; the number of while loops) of a compiled HLO module's text."""
