@@ -28,7 +28,7 @@ PLOT = "loss.png"
 
 def _global_rows(rows: np.ndarray, mesh) -> jax.Array:
     """The same full array on every process, sharded over `data` by rows."""
-    sharding = NamedSharding(mesh, mesh_lib.logical_to_spec(("batch", "seq")))
+    sharding = NamedSharding(mesh, mesh_lib.logical_to_spec(("batch", "seq"), mesh=mesh))
     return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
 
 

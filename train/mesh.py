@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ttt.configs.train import MeshConfig
-from ttt.sharding import first_use_only
+from ttt.sharding import first_use_only, mesh_axes, spec_entry
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -72,36 +72,38 @@ def make_mesh(config: MeshConfig, devices=None) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def logical_to_spec(logical_axes, rules=LOGICAL_AXIS_RULES, *, activation=False) -> PartitionSpec:
+def logical_to_spec(logical_axes, rules=LOGICAL_AXIS_RULES, *, mesh: Mesh | None = None,
+                    activation=False) -> PartitionSpec:
     """The PartitionSpec of an array whose dimensions carry `logical_axes` (names or None).
 
     Raises if a name has no rule. For a parameter (the default) it also raises if two dimensions
     would land on the same mesh axis; an activation keeps such an axis for its first dimension.
+    With `mesh`, the spec leaves out the mesh's size-1 axes, as `activate` and jitted steps do.
     """
-    table = dict(rules)
-    mesh_axes, used = [], {}
+    table = dict(rules if mesh is None else rules_on(mesh, rules))
+    entries, used = [], {}
     for dim, name in enumerate(logical_axes):
         if name is None:
-            mesh_axes.append(None)
+            entries.append(None)
             continue
         if name not in table:
             raise ValueError(f"logical axis {name!r} (dimension {dim} of {tuple(logical_axes)}) has no rule; "
                              f"rules cover {sorted(table)}")
         target = table[name]
-        for axis in (target,) if isinstance(target, str) else (target or ()):
+        for axis in mesh_axes(target):
             if axis in used and not activation:
                 raise ValueError(f"logical axes {used[axis]!r} and {name!r} of {tuple(logical_axes)} both map to "
                                  f"mesh axis {axis!r}; an array can use a mesh axis once")
             used.setdefault(axis, name)
-        mesh_axes.append(target)
-    spec = PartitionSpec(*mesh_axes)
+        entries.append(target)
+    spec = PartitionSpec(*entries)
     return first_use_only(spec) if activation else spec
 
 
 def check_rules(rules=LOGICAL_AXIS_RULES) -> None:
     """Every rule targets a known mesh axis and every activation tuple has a valid spec."""
     for name, target in rules:
-        for axis in (target,) if isinstance(target, str) else (target or ()):
+        for axis in mesh_axes(target):
             if axis not in MESH_AXES:
                 raise ValueError(f"rule {name!r} -> {axis!r}: unknown mesh axis; expected one of {MESH_AXES}")
     for logical_axes in ACTIVATION_AXES:
@@ -109,14 +111,12 @@ def check_rules(rules=LOGICAL_AXIS_RULES) -> None:
 
 
 def _axis_size(mesh: Mesh, target) -> int:
-    if target is None:
-        return 1
-    return math.prod(mesh.shape[axis] for axis in ((target,) if isinstance(target, str) else target))
+    return math.prod(mesh.shape[axis] for axis in mesh_axes(target))
 
 
 def check_divisible(path: str, shape, logical_axes, mesh: Mesh) -> PartitionSpec:
     """The spec of one array, after checking that every mesh size divides its dimension."""
-    spec = logical_to_spec(logical_axes)
+    spec = logical_to_spec(logical_axes, mesh=mesh)
     for dim, (size, name, target) in enumerate(zip(shape, logical_axes, spec)):
         ways = _axis_size(mesh, target)
         if size % ways:
@@ -157,11 +157,7 @@ def rules_on(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """`rules` without the mesh axes of size 1 on `mesh`. Such an axis splits nothing, and a jitted step
     returns its outputs without it; inputs named with it would be a different program to XLA, so the
     second training step would compile again."""
-
-    def kept(target):
-        axes = tuple(a for a in ((target,) if isinstance(target, str) else (target or ())) if mesh.shape[a] > 1)
-        return axes[0] if len(axes) == 1 else (axes or None)
-
+    kept = lambda target: spec_entry(tuple(axis for axis in mesh_axes(target) if mesh.shape[axis] > 1))
     return tuple((name, kept(target)) for name, target in rules)
 
 
@@ -174,8 +170,8 @@ def state_shardings(axes, mesh: Mesh):
       the same pytree with a `NamedSharding` on `mesh` per array (activation rules: a mesh axis an
       earlier dimension uses is not used again).
     """
-    return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), activation=True)), axes,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    sharding = lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), mesh=mesh, activation=True))
+    return jax.tree.map(sharding, axes, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def batch_ways(mesh: Mesh) -> int:
@@ -185,7 +181,7 @@ def batch_ways(mesh: Mesh) -> int:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a `[batch, seq]` token array."""
-    return NamedSharding(mesh, logical_to_spec(("batch", "seq")))
+    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), mesh=mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

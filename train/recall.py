@@ -74,7 +74,7 @@ def padded_batches(arrays: list[np.ndarray], batch_size: int, mesh: Mesh | None 
             part[:min(batch_size, rows - start)] = array[start:start + batch_size]
             if mesh is not None:
                 sharding = jax.sharding.NamedSharding(mesh, mesh_lib.logical_to_spec(("batch",) + (None,) * (
-                    part.ndim - 1)))
+                    part.ndim - 1), mesh=mesh))
                 part = jax.make_array_from_callback(part.shape, sharding, lambda index, part=part: part[index])
             batch.append(part)
         yield batch

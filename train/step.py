@@ -34,7 +34,7 @@ def _initialize(config: ModelConfig, seed: int) -> LM:
 
 def token_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of the `[micro_batches, batch, seq + 1]` tokens of one training step."""
-    return NamedSharding(mesh, PartitionSpec(None, *mesh_lib.logical_to_spec(("batch", "seq"))))
+    return NamedSharding(mesh, PartitionSpec(None, *mesh_lib.logical_to_spec(("batch", "seq"), mesh=mesh)))
 
 
 @nnx.jit(donate_argnums=(0, 1))

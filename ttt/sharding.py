@@ -50,8 +50,17 @@ def first_use_only(spec: jax.sharding.PartitionSpec) -> jax.sharding.PartitionSp
     """
     used, dims = set(), []
     for entry in spec:
-        axes = entry if isinstance(entry, tuple) else (entry,)
-        kept = tuple(axis for axis in axes if axis is not None and axis not in used)
+        kept = tuple(axis for axis in mesh_axes(entry) if axis not in used)
         used.update(kept)
-        dims.append(kept[0] if len(kept) == 1 else (kept or None))
+        dims.append(spec_entry(kept))
     return jax.sharding.PartitionSpec(*dims)
+
+
+def mesh_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (or rule target): a name, a tuple of names, or None."""
+    return (entry,) if isinstance(entry, str) else tuple(axis for axis in (entry or ()) if axis is not None)
+
+
+def spec_entry(axes: tuple[str, ...]):
+    """The PartitionSpec entry splitting one dimension over `axes`: None, one name, or a tuple of names."""
+    return axes[0] if len(axes) == 1 else (axes or None)

@@ -40,6 +40,15 @@ def test_activations_split_rows_over_data_and_fsdp_and_keep_embed_whole():
     assert mesh_lib.batch_ways(mesh) == 4
 
 
+def test_specs_on_a_mesh_leave_out_its_size_one_axes():
+    """A jitted step returns its outputs without size-1 axes; specs made for that mesh must agree."""
+    mesh = mesh_lib.make_mesh(MeshConfig(data=2, fsdp=1, tensor=4))
+    assert mesh_lib.logical_to_spec(("batch", "seq", "embed"), mesh=mesh, activation=True) == PartitionSpec("data", None, None)
+    assert mesh_lib.logical_to_spec(("embed", "heads"), mesh=mesh) == PartitionSpec(None, "tensor")
+    assert mesh_lib.batch_sharding(mesh).spec == PartitionSpec("data", None)
+    assert dict(mesh_lib.rules_on(mesh))["batch"] == "data" and dict(mesh_lib.rules_on(mesh))["embed"] is None
+
+
 def test_mesh_shape_fills_the_rest_and_rejects_a_wrong_device_count():
     assert mesh_lib.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
     assert mesh_lib.make_mesh(MeshConfig(data=-1, tensor=4)).shape == {"data": 2, "fsdp": 1, "tensor": 4}
