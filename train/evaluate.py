@@ -12,7 +12,6 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 from matplotlib.figure import Figure
 
 from ttt.models import generate
@@ -28,8 +27,7 @@ PLOT = "loss.png"
 
 def _global_rows(rows: np.ndarray, mesh) -> jax.Array:
     """The same full array on every process, sharded over `data` by rows."""
-    sharding = NamedSharding(mesh, mesh_lib.logical_to_spec(("batch", "seq"), mesh=mesh))
-    return jax.make_array_from_callback(rows.shape, sharding, lambda index: rows[index])
+    return jax.make_array_from_callback(rows.shape, mesh_lib.batch_sharding(mesh), lambda index: rows[index])
 
 
 def per_token_losses(model, tokens: np.ndarray, mesh, batch_size: int, memory=None) -> np.ndarray:

@@ -170,8 +170,8 @@ def state_shardings(axes, mesh: Mesh):
       the same pytree with a `NamedSharding` on `mesh` per array (activation rules: a mesh axis an
       earlier dimension uses is not used again).
     """
-    sharding = lambda spec: NamedSharding(mesh, logical_to_spec(tuple(spec), mesh=mesh, activation=True))
-    return jax.tree.map(sharding, axes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(lambda spec: named_sharding(mesh, tuple(spec), activation=True), axes,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def batch_ways(mesh: Mesh) -> int:
@@ -179,9 +179,14 @@ def batch_ways(mesh: Mesh) -> int:
     return _axis_size(mesh, dict(LOGICAL_AXIS_RULES)["batch"])
 
 
+def named_sharding(mesh: Mesh, logical_axes, *, activation=False) -> NamedSharding:
+    """The NamedSharding on `mesh` of an array whose dimensions carry `logical_axes` (names or None)."""
+    return NamedSharding(mesh, logical_to_spec(logical_axes, mesh=mesh, activation=activation))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a `[batch, seq]` token array."""
-    return NamedSharding(mesh, logical_to_spec(("batch", "seq"), mesh=mesh))
+    return named_sharding(mesh, ("batch", "seq"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -73,8 +73,7 @@ def padded_batches(arrays: list[np.ndarray], batch_size: int, mesh: Mesh | None 
             part = np.zeros((batch_size, *array.shape[1:]), array.dtype)
             part[:min(batch_size, rows - start)] = array[start:start + batch_size]
             if mesh is not None:
-                sharding = jax.sharding.NamedSharding(mesh, mesh_lib.logical_to_spec(("batch",) + (None,) * (
-                    part.ndim - 1), mesh=mesh))
+                sharding = mesh_lib.named_sharding(mesh, ("batch",) + (None,) * (part.ndim - 1))
                 part = jax.make_array_from_callback(part.shape, sharding, lambda index, part=part: part[index])
             batch.append(part)
         yield batch

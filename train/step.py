@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from ttt.configs import ModelConfig
 from ttt.context import Context
@@ -34,7 +34,7 @@ def _initialize(config: ModelConfig, seed: int) -> LM:
 
 def token_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of the `[micro_batches, batch, seq + 1]` tokens of one training step."""
-    return NamedSharding(mesh, PartitionSpec(None, *mesh_lib.logical_to_spec(("batch", "seq"), mesh=mesh)))
+    return mesh_lib.named_sharding(mesh, (None, "batch", "seq"))
 
 
 @nnx.jit(donate_argnums=(0, 1))
