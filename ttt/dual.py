@@ -61,6 +61,15 @@ def _subtract_update(w, inputs, scaled_grad):
     return w - jnp.swapaxes(inputs, -1, -2) @ scaled_grad
 
 
+def _weighted_sum(update, grad):
+    """sum_j update[j] * grad[j]: [..., h] from update [..., b] and grad [..., b, h]."""
+    # A product rather than `(update[..., None] * grad).sum(-2)`: XLA:CPU fused that reduction with the
+    # GELU derivative that forms TTT-MLP's first-layer gradient and computed the derivative a second time
+    # there; a product reads the gradient the other products read (TTT-MLP layer at 4096, b = 16: forward
+    # 6% and forward+backward 4% faster; in TTT-Linear, whose gradient is cheap to recompute, it gained nothing).
+    return jnp.einsum("...j,...jh->...h", update, grad)
+
+
 def make_linear_body(ln_weight, ln_bias):
     """Scan body of TTT-Linear: `({"W", "b"}, xs) -> (next params, g(q; theta_t) [batch, heads, b, d])`."""
 
@@ -96,9 +105,9 @@ def make_mlp_body(ln_weight, ln_bias):
         update = xs["update"][..., None]
         next_params = {
             "W1": _subtract_update(w1, k, update * grad_z1),
-            "b1": params["b1"] - (update * grad_z1).sum(-2),
+            "b1": params["b1"] - _weighted_sum(xs["update"], grad_z1),
             "W2": _subtract_update(w2, hidden_k, update * grad_z2),
-            "b2": params["b2"] - (update * grad_z2).sum(-2),
+            "b2": params["b2"] - _weighted_sum(xs["update"], grad_z2),
         }
         return next_params, inner_out
 
