@@ -204,8 +204,9 @@ class TTTLayer(nnx.Module):
         """z: [batch, heads, seq, head_dim], gate: the gate projection [batch, seq, heads, head_dim] or None
         -> [batch, seq, embed]."""
         batch, heads, seq_len, head_dim = z.shape
-        y = jnp.swapaxes(z, 1, 2).reshape(batch, seq_len, heads * head_dim)
-        y = self.post_norm(y)
+        # Normalised as [batch * seq, embed] rows, for the reason ops._sequence_output gives.
+        y = self.post_norm(jnp.swapaxes(z, 1, 2).reshape(batch * seq_len, heads * head_dim))
+        y = y.reshape(batch, seq_len, heads * head_dim)
         if gate is not None:
             y = gelu(gate.reshape(batch, seq_len, -1)) * y
         y = self.o_proj(y.reshape(batch, seq_len, heads, head_dim))

@@ -154,9 +154,13 @@ def _layer_output(q, q32, inner_out, ln_weight, ln_bias, residual):
 def _sequence_output(q, q32, inner_out, ln_weight, ln_bias, residual):
     """The layer output [B, H, T, d] from token-major inner outputs [B, T, H, d]. It is computed token-major,
     where a layer's projections are: the transposes here cancel the layer's instead of being repeated
-    in every fusion of the backward that reads z."""
-    z = _layer_output(q, jnp.swapaxes(q32, 1, 2), inner_out, ln_weight, ln_bias, residual)
-    return jnp.swapaxes(z, 1, 2)
+    in every fusion of the backward that reads z. Batch and tokens are one axis for the LN: the gradients
+    of its parameters then reduce over one axis, not over [batch, seq] with a batch of 1 kept, which
+    XLA:CPU's default reductions run many times slower (benchmarks/xla_cpu.py)."""
+    batch, seq_len, heads, head_dim = inner_out.shape
+    rows = lambda x: x.reshape(batch * seq_len, heads, head_dim)
+    z = _layer_output(q, rows(jnp.swapaxes(q32, 1, 2)), rows(inner_out), ln_weight, ln_bias, residual)
+    return jnp.swapaxes(z.reshape(batch, seq_len, heads, head_dim), 1, 2)
 
 
 def _step(model: InnerModel, q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size, token_scale, residual):
