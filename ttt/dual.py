@@ -5,9 +5,9 @@ weights minus a causal, coefficient-weighted attention over the inner gradients 
 section 2.7).
 
 `prepare` reads token-major mini-batches [num, batch, b, heads, d] (mini_batch.split_tokens); inside a
-scan step (after mini_batch.scan_form's transpose) keys_queries: [batch, heads, 2b, d] (k above q);
-target: [batch, heads, b, d]; eta, update, token_scale: [batch, heads, b]; the coefficients
-[batch, heads, b, b]; ln_weight, ln_bias: [heads, 1, d] or None.
+scan step (after mini_batch._row_step's transpose, rows = batch * heads) keys_queries: [rows, 2b, d]
+(k above q); target: [rows, b, d]; eta, update, token_scale: [rows, b]; the coefficients [rows, b, b];
+ln_weight, ln_bias: [rows, 1, d] or None.
 """
 
 import jax
@@ -71,7 +71,7 @@ def _weighted_sum(update, grad):
 
 
 def make_linear_body(ln_weight, ln_bias):
-    """Scan body of TTT-Linear: `({"W", "b"}, xs) -> (next params, g(q; theta_t) [batch, heads, b, d])`."""
+    """Scan body of TTT-Linear: `({"W", "b"}, xs) -> (next params, g(q; theta_t) [rows, b, d])`."""
 
     def body(params, xs):
         w = params["W"]

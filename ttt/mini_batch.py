@@ -120,14 +120,17 @@ def scan_form(model: InnerModel, form: str, params, q, k, v, eta, token_scale, u
     Returns:
       (weights after the scan, g(q; theta_t) token-major [num, batch, b, heads, d]).
     """
+    batch, heads = q.shape[1], q.shape[3]
+    # The steps read batch and heads as one axis of rows (`_row_step`): LN parameters per row, [rows, d].
+    row_ln = (None, None) if ln_weight is None else tuple(jnp.tile(p, (batch, 1)) for p in (ln_weight, ln_bias))
     if form == "dual":
-        # LN parameters shaped [heads, 1, d] to broadcast over [batch, heads, tokens, d].
-        head_ln = (None, None) if ln_weight is None else (ln_weight[:, None], ln_bias[:, None])
-        xs, body = dual.prepare(q, k, v, eta, update, token_scale), _DUAL_BODIES[model.name](*head_ln)
+        # LN parameters shaped [rows, 1, d] to broadcast over [rows, tokens, d].
+        dual_ln = (None, None) if ln_weight is None else (row_ln[0][:, None], row_ln[1][:, None])
+        xs, body = dual.prepare(q, k, v, eta, update, token_scale), _DUAL_BODIES[model.name](*dual_ln)
     else:
         coeff = dual.causal_coefficients(eta, token_scale)
-        xs, body = primal.prepare(q, k, v, coeff, update), primal.make_body(model, ln_weight, ln_bias)
-    body = _heads_first_step(body)
+        xs, body = primal.prepare(q, k, v, coeff, update), primal.make_body(model, *row_ln)
+    body = _row_step(body, batch, heads)
     if restart_flags is not None:
         xs, body = {**xs, "restart": restart_flags}, _restarting(body, initial_params)
     return remat_scan(body, params, xs, group_size)
@@ -136,13 +139,23 @@ def scan_form(model: InnerModel, form: str, params, q, k, v, eta, token_scale, u
 _TOKEN_INPUTS = ("q", "k", "v", "target", "keys_queries")
 
 
-def _heads_first_step(body):
-    """`body` (written for [batch, heads, b, d] token vectors) on token-major scan inputs and outputs."""
+def _row_step(body, batch: int, heads: int):
+    """`body` (written for rows = batch * heads: token vectors [rows, b, d], scalars [rows, b], weights
+    [rows, ...]) on token-major scan inputs, [batch, heads] scalars and weights, and token-major outputs.
+
+    One axis of rows, and the inner LN parameters given per row (`scan_form` tiles them over the batch):
+    a step's gradients of what its tokens share then stay per row, [rows, ...]. Summed over the batch
+    inside the step, they were an all-reduce in every step of the backward scan when the batch is split
+    over devices, and at batch 1 a reduction keeping a size-1 batch axis, which XLA:CPU's default
+    reductions run many times slower (benchmarks/xla_cpu.py). Now the batch sum is one, after the scan.
+    """
+    rows = lambda x: x.reshape(batch * heads, *x.shape[2:])
+    unrows = lambda x: x.reshape(batch, heads, *x.shape[1:])
 
     def step(params, xs):
-        xs = {name: heads_first(x) if name in _TOKEN_INPUTS else x for name, x in xs.items()}
-        params, inner_out = body(params, xs)
-        return params, heads_first(inner_out)
+        xs = {name: rows(heads_first(x) if name in _TOKEN_INPUTS else x) for name, x in xs.items() if name != "restart"}
+        params, inner_out = body(jax.tree.map(rows, params), xs)
+        return jax.tree.map(unrows, params), heads_first(unrows(inner_out))
 
     return step
 

@@ -17,7 +17,8 @@ def prepare(q, k, v, coeff, update):
 
 
 def make_body(model: InnerModel, ln_weight, ln_bias):
-    """Scan body over mini-batches: `(params [batch, heads, ...], xs) -> (next params, g(q) [batch, heads, b, d])`."""
+    """Scan body over mini-batches: `(params [rows, ...], xs) -> (next params, g(q) [rows, b, d])`, rows =
+    batch * heads (mini_batch._row_step); ln_weight, ln_bias: [rows, d] or None."""
     per_token_grad = jax.vmap(jax.grad(lambda p, k, v, w, b: inner_loss(model, p, k, v, w, b)), in_axes=(None, 0, 0, None, None))
 
     def one_head(params, q, k, v, coeff, update, ln_w, ln_b):
@@ -27,10 +28,9 @@ def make_body(model: InnerModel, ln_weight, ln_bias):
         next_params = jax.tree.map(lambda p, g: p - jnp.tensordot(update, g, axes=1), params, grads)
         return next_params, inner_out
 
-    per_head = jax.vmap(one_head, in_axes=(0, 0, 0, 0, 0, 0, 0, 0))
-    per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, 0, 0, 0, None, None))
+    per_row = jax.vmap(one_head)
 
     def body(params, xs):
-        return per_batch(params, xs["q"], xs["k"], xs["v"], xs["coeff"], xs["update"], ln_weight, ln_bias)
+        return per_row(params, xs["q"], xs["k"], xs["v"], xs["coeff"], xs["update"], ln_weight, ln_bias)
 
     return body

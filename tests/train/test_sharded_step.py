@@ -134,19 +134,22 @@ def _loop_collectives(hlo: str) -> tuple[list[str], int]:
 
 
 @pytest.mark.parametrize("inner", ["linear", "mlp"])
-def test_ttt_layer_backward_scan_does_not_synchronise_the_devices_per_step(inner):
-    """With heads split over devices, every array of the mini-batch scan is per head, so its backward needs
-    no collective inside the loop: parameters shared by the heads (the token scale) have their gradients
-    summed over heads once, after it. An all-reduce per step would synchronise the devices 2 * seq / b times
-    per layer."""
-    mesh = mesh_lib.make_mesh(MeshConfig(data=1, tensor=2), devices=jax.devices()[:2])
+@pytest.mark.parametrize("split", ["heads", "batch"])
+def test_ttt_layer_backward_scan_does_not_synchronise_the_devices_per_step(inner, split):
+    """With heads or batch rows split over devices, every array of the mini-batch scan is per row, so its
+    backward needs no collective inside the loop: parameters shared by the heads (the token scale) or by
+    the batch (the inner LN's) have their gradients summed once, after it. An all-reduce per step would
+    synchronise the devices 2 * seq / b times per layer."""
+    mesh_config = MeshConfig(data=1, tensor=2) if split == "heads" else MeshConfig(data=2, tensor=1)
+    mesh = mesh_lib.make_mesh(mesh_config, devices=jax.devices()[:2])
     config = TTTLayerConfig(16, 2, inner=inner, mini_batch_size=4, remat_group_size=2)
     with mesh_lib.activate(mesh):
         graphdef, params = nnx.split(ttt.TTTLayer(config, rngs=nnx.Rngs(0)))
-        x = jax.device_put(np.ones((1, 32, 16), np.float32), mesh_lib.replicated(mesh))
+        x = np.ones((2 if split == "batch" else 1, 32, 16), np.float32)
+        x = jax.device_put(x, mesh_lib.batch_sharding(mesh) if split == "batch" else mesh_lib.replicated(mesh))
         loss = lambda p: nnx.merge(graphdef, p)(x).sum()
         hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
     collectives, loops = _loop_collectives(hlo)
     assert loops >= 2, "expected the forward and backward scans as while loops"
-    assert "all-reduce(" in hlo, "expected the heads to be sharded (the layer output sums over them)"
+    assert "all-reduce(" in hlo, f"expected the {split} to be sharded (the parameter gradients sum over it)"
     assert collectives == []
