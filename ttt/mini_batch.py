@@ -153,7 +153,7 @@ def _row_step(body, batch: int, heads: int):
     unrows = lambda x: x.reshape(batch, heads, *x.shape[1:])
 
     def step(params, xs):
-        xs = {name: rows(heads_first(x) if name in _TOKEN_INPUTS else x) for name, x in xs.items() if name != "restart"}
+        xs = {name: rows(heads_first(x) if name in _TOKEN_INPUTS else x) for name, x in xs.items()}
         params, inner_out = body(jax.tree.map(rows, params), xs)
         return jax.tree.map(unrows, params), heads_first(unrows(inner_out))
 
@@ -167,5 +167,11 @@ def restart(flag: jax.Array, initial_params, params):
 
 
 def _restarting(body, initial_params):
-    """`body` whose mini-batch starts from `initial_params` in the rows where `xs["restart"]` [batch] is True."""
-    return lambda params, xs: body(restart(xs["restart"], initial_params, params), xs)
+    """`body` whose mini-batch starts from `initial_params` in the rows where `xs["restart"]` [batch] is True
+    (`body` reads the other inputs)."""
+
+    def step(params, xs):
+        xs = dict(xs)
+        return body(restart(xs.pop("restart"), initial_params, params), xs)
+
+    return step
