@@ -7,7 +7,9 @@ Two levels, each at batch 1, hidden 768, 12 heads (head_dim 64), mini-batch 16, 
          with the same four projections around dot_product_attention.
 GFLOP/s use analytic FLOP counts (XLA's cost analysis counts a scan body once) and are printed
 next to a plain 2048^3 float32 matmul measured in the same run. Times are medians of --repeats
-runs after one compiling run.
+runs after one compiling run. The mini-batch sweep times that matmul again beside each of its
+rows, interleaved with the row's runs, and takes the row's share of the rate measured there: on
+the shared 2-core VM the matmul alone measured 121-169 GFLOP/s within one process.
 
   python benchmarks/ttt_layer.py                      # seq 512..8192, prints a table, writes JSON
   python benchmarks/ttt_layer.py --seqs 512 1024 --repeats 3 --out /tmp/quick.json
@@ -48,13 +50,27 @@ HEAD_DIM = HIDDEN // HEADS
 
 
 def median_seconds(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
+    return interleaved_median_seconds({"fn": (fn, args)}, repeats)["fn"]
+
+
+def interleaved_median_seconds(calls, repeats):
+    """{name: (fn, args)} -> {name: median seconds}, after one compiling run of each, the calls taking
+    turns in every repetition so that the machine's drift reaches all of them alike."""
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))  # compile
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, (fn, args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_call(size=2048):
+    """(a plain size^3 float32 matmul, its arguments, its FLOPs): the rate the TTT FLOPs are compared with."""
+    a = jax.random.normal(jax.random.key(1), (size, size))
+    return jax.jit(lambda a: a @ a), (a,), 2 * size**3
 
 
 def with_backward(fn, argnums):
@@ -136,11 +152,9 @@ def layer_fns(layer):
 
 def run(seqs, repeats, primal_max_seq):
     rows = []
-    size = 2048
-    a = jax.random.normal(jax.random.key(1), (size, size))
-    matmul_s = median_seconds(jax.jit(lambda a: a @ a), a, repeats=repeats)
-    matmul_gflops = 2 * size**3 / matmul_s / 1e9
-    print(f"plain {size}^3 float32 matmul: {matmul_gflops:.1f} GFLOP/s")
+    matmul, matmul_args, matmul_flops = matmul_call()
+    matmul_gflops = matmul_flops / median_seconds(matmul, *matmul_args, repeats=repeats) / 1e9
+    print(f"plain 2048^3 float32 matmul: {matmul_gflops:.1f} GFLOP/s")
 
     for seq in seqs:
         x = jax.random.normal(jax.random.key(2), (1, seq, HIDDEN))
@@ -173,27 +187,35 @@ def run(seqs, repeats, primal_max_seq):
     return {"matmul_gflops": matmul_gflops, "rows": rows}
 
 
-def run_mini_batches(seq, mini_batches, repeats, matmul_gflops, devices=1):
-    """The dual form at each mini-batch size b: forward and forward+backward as a share of the matmul rate,
-    with the heads split over `devices` devices.
+def run_mini_batches(seq, mini_batches, repeats, devices=1):
+    """The dual form at each mini-batch size b: forward and forward+backward as a share of the matmul rate
+    measured beside them (interleaved), with the heads split over `devices` devices.
 
-    Forward+backward is counted as 3x the forward's FLOPs (each matmul once forward, twice backward).
+    Forward+backward is counted as 3x the forward's FLOPs (each matmul once forward, twice backward;
+    the rematerialising forward of the backward pass is not counted).
     """
     rows = []
+    matmul = matmul_call()
     for inner in ("linear", "mlp"):
         inputs = split_heads(op_inputs(seq, inner), devices)
         for b in mini_batches:
             flops = inner_flops(inner, seq, b)
-            row = {"seq": seq, "name": f"ttt_{inner}_dual", "mini_batch": b, "devices": devices}
-            row["forward_s"] = median_seconds(jax.jit(ttt_op(inner, "dual", b)), *inputs, repeats=repeats)
-            row["forward_backward_s"] = median_seconds(with_backward(ttt_op(inner, "dual", b), (0, 1, 2, 3, 4)),
-                                                       *inputs, repeats=repeats)
-            row["forward_matmul_share"] = flops / row["forward_s"] / 1e9 / matmul_gflops
-            row["forward_backward_matmul_share"] = 3 * flops / row["forward_backward_s"] / 1e9 / matmul_gflops
+            seconds = interleaved_median_seconds({
+                "forward": (jax.jit(ttt_op(inner, "dual", b)), inputs),
+                "forward_backward": (with_backward(ttt_op(inner, "dual", b), (0, 1, 2, 3, 4)), inputs),
+                "matmul": matmul[:2],
+            }, repeats)
+            matmul_gflops = matmul[2] / seconds["matmul"] / 1e9
+            row = {"seq": seq, "name": f"ttt_{inner}_dual", "mini_batch": b, "devices": devices,
+                   "forward_s": seconds["forward"], "forward_backward_s": seconds["forward_backward"],
+                   "matmul_gflops": matmul_gflops,
+                   "forward_matmul_share": flops / seconds["forward"] / 1e9 / matmul_gflops,
+                   "forward_backward_matmul_share": 3 * flops / seconds["forward_backward"] / 1e9 / matmul_gflops}
             rows.append(row)
             print(f"  seq {seq} {inner:6s} b {b:5d}  fwd {row['forward_s'] * 1e3:8.2f} ms "
                   f"({100 * row['forward_matmul_share']:5.1f}% of matmul)  fwd+bwd {row['forward_backward_s'] * 1e3:8.2f} ms "
-                  f"({100 * row['forward_backward_matmul_share']:5.1f}%)", flush=True)
+                  f"({100 * row['forward_backward_matmul_share']:5.1f}%)  matmul beside it {matmul_gflops:6.1f} GFLOP/s",
+                  flush=True)
     return rows
 
 
@@ -229,8 +251,7 @@ def main(argv=None):
     print_table(result)
     if args.mini_batches:
         print(f"\ndual form by mini-batch size, seq {max(args.seqs)}, heads over {args.devices} device(s)")
-        result["mini_batch_rows"] = run_mini_batches(max(args.seqs), args.mini_batches, args.repeats,
-                                                     result["matmul_gflops"], args.devices)
+        result["mini_batch_rows"] = run_mini_batches(max(args.seqs), args.mini_batches, args.repeats, args.devices)
     result.update(jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(), args=vars(args),
                   glibc_tunables=os.environ.get("GLIBC_TUNABLES", ""))
     write_json(result, args.out)

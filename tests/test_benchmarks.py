@@ -132,6 +132,19 @@ def test_ttt_layer_sweep_on_devices_splits_the_heads_and_keeps_the_values():
     np.testing.assert_allclose(op(*split), op(*inputs), rtol=1e-5, atol=1e-5)
 
 
+def test_ttt_layer_times_its_calls_in_turns_after_compiling_each():
+    import jax.numpy as jnp
+
+    order = []
+
+    def call(name):
+        return lambda: order.append(name) or jnp.zeros(())
+
+    medians = ttt_layer.interleaved_median_seconds({"ttt": (call("ttt"), ()), "matmul": (call("matmul"), ())}, repeats=3)
+    assert order == ["ttt", "matmul"] * 4  # one compiling run each, then the repetitions alternate
+    assert set(medians) == {"ttt", "matmul"} and all(t >= 0 for t in medians.values())
+
+
 def test_ttt_layer_refuses_devices_that_do_not_split_the_heads(capsys):
     with pytest.raises(SystemExit):
         ttt_layer.main(["--devices", "5"])
