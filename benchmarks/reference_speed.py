@@ -28,12 +28,11 @@ import contextlib
 import importlib.util
 import os
 import platform
-import statistics
 import sys
-import time
 import types
 
 from output import write_json
+from timing import interleaved_medians
 from xla_cpu import add_cpu_arguments, apply_in_this_process, check_devices
 
 HIDDEN, HEADS, MINI_BATCH, REMAT_GROUP = 768, 12, 16, 4
@@ -116,23 +115,6 @@ def _forward_and_backward(apply):
 
     loss = lambda p, x: jnp.sum(apply(p, x))
     return {"forward": jax.jit(apply), "forward+backward": jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))}
-
-
-def interleaved_medians(calls: dict, repeats: int) -> dict:
-    """{name: (fn, args)} -> {name: median seconds}, the calls alternating in every repetition."""
-    import jax
-
-    # Nothing of the inputs' own computations (initialisation, resharding) in flight while compiling.
-    jax.block_until_ready([args for _, args in calls.values()])
-    for fn, args in calls.values():
-        jax.block_until_ready(fn(*args))  # compile
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, (fn, args) in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None):

@@ -29,9 +29,7 @@ import argparse
 import functools
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -43,34 +41,22 @@ import ttt
 from ttt import ops
 from ttt.configs import TTTLayerConfig
 from output import write_json
+from timing import interleaved_medians
 from xla_cpu import add_cpu_arguments, apply_in_this_process, check_devices
 
 HIDDEN, HEADS, MINI_BATCH = 768, 12, 16
 HEAD_DIM = HIDDEN // HEADS
+MATMUL_SIZE = 2048
 
 
 def median_seconds(fn, *args, repeats):
-    return interleaved_median_seconds({"fn": (fn, args)}, repeats)["fn"]
+    return interleaved_medians({"fn": (fn, args)}, repeats)["fn"]
 
 
-def interleaved_median_seconds(calls, repeats):
-    """{name: (fn, args)} -> {name: median seconds}, after one compiling run of each, the calls taking
-    turns in every repetition so that the machine's drift reaches all of them alike."""
-    for fn, args in calls.values():
-        jax.block_until_ready(fn(*args))  # compile
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, (fn, args) in calls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def matmul_call(size=2048):
-    """(a plain size^3 float32 matmul, its arguments, its FLOPs): the rate the TTT FLOPs are compared with."""
-    a = jax.random.normal(jax.random.key(1), (size, size))
-    return jax.jit(lambda a: a @ a), (a,), 2 * size**3
+def matmul_call():
+    """(a plain MATMUL_SIZE^3 float32 matmul, its arguments, its FLOPs): the rate the TTT FLOPs are compared with."""
+    a = jax.random.normal(jax.random.key(1), (MATMUL_SIZE, MATMUL_SIZE))
+    return jax.jit(lambda a: a @ a), (a,), 2 * MATMUL_SIZE**3
 
 
 def with_backward(fn, argnums):
@@ -154,7 +140,7 @@ def run(seqs, repeats, primal_max_seq):
     rows = []
     matmul, matmul_args, matmul_flops = matmul_call()
     matmul_gflops = matmul_flops / median_seconds(matmul, *matmul_args, repeats=repeats) / 1e9
-    print(f"plain 2048^3 float32 matmul: {matmul_gflops:.1f} GFLOP/s")
+    print(f"plain {MATMUL_SIZE}^3 float32 matmul: {matmul_gflops:.1f} GFLOP/s")
 
     for seq in seqs:
         x = jax.random.normal(jax.random.key(2), (1, seq, HIDDEN))
@@ -199,21 +185,23 @@ def run_mini_batches(seq, mini_batches, repeats, matmul_gflops, devices=1):
     the rematerialising forward of the backward pass is not counted).
     """
     rows = []
-    matmul = matmul_call()
+    matmul, matmul_args, matmul_flops = matmul_call()
     for inner in ("linear", "mlp"):
         inputs = split_heads(op_inputs(seq, inner), devices)
         for b in mini_batches:
-            seconds = interleaved_median_seconds({
+            seconds = interleaved_medians({
                 "forward": (jax.jit(ttt_op(inner, "dual", b)), inputs),
                 "forward_backward": (with_backward(ttt_op(inner, "dual", b), (0, 1, 2, 3, 4)), inputs),
-                "matmul": matmul[:2],
+                "matmul": (matmul, matmul_args),
             }, repeats)
-            rows.append({"seq": seq, "name": f"ttt_{inner}_dual", "mini_batch": b, "devices": devices,
-                         "forward_flops": inner_flops(inner, seq, b), "forward_s": seconds["forward"], "forward_backward_s": seconds["forward_backward"],
-                         "matmul_gflops_beside": matmul[2] / seconds["matmul"] / 1e9})
-            print(f"  seq {seq} {inner:6s} b {b:5d}  fwd {seconds['forward'] * 1e3:8.2f} ms  fwd+bwd "
-                  f"{seconds['forward_backward'] * 1e3:8.2f} ms  matmul beside it {rows[-1]['matmul_gflops_beside']:6.1f} GFLOP/s",
-                  flush=True)
+            row = {"seq": seq, "name": f"ttt_{inner}_dual", "mini_batch": b, "devices": devices,
+                   "forward_flops": inner_flops(inner, seq, b), "forward_s": seconds["forward"],
+                   "forward_backward_s": seconds["forward_backward"],
+                   "matmul_gflops_beside": matmul_flops / seconds["matmul"] / 1e9}
+            rows.append(row)
+            print(f"  seq {seq} {inner:6s} b {b:5d}  fwd {row['forward_s'] * 1e3:8.2f} ms  "
+                  f"fwd+bwd {row['forward_backward_s'] * 1e3:8.2f} ms  "
+                  f"matmul beside it {row['matmul_gflops_beside']:6.1f} GFLOP/s", flush=True)
     best = max([matmul_gflops] + [row["matmul_gflops_beside"] for row in rows])
     print(f"share of the run's best matmul rate, {best:.1f} GFLOP/s (fwd+bwd counted as 3x the forward's FLOPs):")
     for row in rows:

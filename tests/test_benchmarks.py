@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
 import reference_speed  # noqa: E402
 import train_step  # noqa: E402
+import timing  # noqa: E402
 import ttt_layer  # noqa: E402
 from xla_cpu import (HUGEPAGE_TUNABLE, REDUCE_WORKAROUND, split_into_host_devices, with_hugepage_malloc,  # noqa: E402
                      with_reduce_workaround)
@@ -132,7 +133,7 @@ def test_ttt_layer_sweep_on_devices_splits_the_heads_and_keeps_the_values():
     np.testing.assert_allclose(op(*split), op(*inputs), rtol=1e-5, atol=1e-5)
 
 
-def test_ttt_layer_times_its_calls_in_turns_after_compiling_each():
+def test_interleaved_medians_compile_each_call_once_then_take_turns():
     import jax.numpy as jnp
 
     order = []
@@ -140,7 +141,7 @@ def test_ttt_layer_times_its_calls_in_turns_after_compiling_each():
     def call(name):
         return lambda: order.append(name) or jnp.zeros(())
 
-    medians = ttt_layer.interleaved_median_seconds({"ttt": (call("ttt"), ()), "matmul": (call("matmul"), ())}, repeats=3)
+    medians = timing.interleaved_medians({"ttt": (call("ttt"), ()), "matmul": (call("matmul"), ())}, repeats=3)
     assert order == ["ttt", "matmul"] * 4  # one compiling run each, then the repetitions alternate
     assert set(medians) == {"ttt", "matmul"} and all(t >= 0 for t in medians.values())
 
