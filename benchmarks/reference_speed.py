@@ -11,6 +11,11 @@ benchmarks/reference_check.py): its `ttt.infra.jax_utils` (which imports torch a
 by the two helpers the layer uses, and `jnp.clip` accepts the `a_min`/`a_max` keywords jax 0.10 removed.
 It needs only jax and flax, so it runs in this project's environment.
 
+Beside each forward it times the matrix products of our layer's forward alone (benchmarks/matmul_floor.py).
+reference / products-alone, printed as `bound`, is the largest forward speed-up over the reference that
+an implementation running these products, at the speed this machine's XLA runs them, could reach (one
+device only: that program is not sharded).
+
 `--xla-cpu-reduce-workaround` (default on) applies benchmarks/xla_cpu.py's setting, to both layers alike.
 
 `--devices N` splits the CPU into N host devices and runs both layers on a mesh that shards the heads
@@ -31,6 +36,7 @@ import platform
 import sys
 import types
 
+from matmul_floor import layer_products
 from output import write_json
 from timing import interleaved_medians
 from xla_cpu import add_cpu_arguments, apply_in_this_process, check_devices
@@ -146,7 +152,8 @@ def main(argv=None):
           f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}")
     print(f"{args.devices} device(s), heads split {args.devices} ways")
-    print(f"{'seq':>6} {'inner':6} {'pass':17} {'reference ms':>13} {'ttt ms':>9} {'speed-up':>9}")
+    print(f"{'seq':>6} {'inner':6} {'pass':17} {'reference ms':>13} {'ttt ms':>9} {'speed-up':>9} "
+          f"{'products ms':>12} {'bound':>6}")
     rows = []
     for seq in args.seqs:
         for inner in args.inner:
@@ -157,13 +164,18 @@ def main(argv=None):
                     their_args = jax.device_put(their_args, mesh_lib.replicated(mesh))
                     our_args = (our_args[0], jax.device_put(our_args[1], mesh_lib.replicated(mesh)))
                 for mode in ours:
-                    medians = interleaved_medians({"reference": (theirs[mode], their_args),
-                                                   "ttt": (ours[mode], our_args)}, args.repeats)
+                    calls = {"reference": (theirs[mode], their_args), "ttt": (ours[mode], our_args)}
+                    if mode == "forward" and args.devices == 1:
+                        calls["products"] = layer_products(inner, seq, HIDDEN, HEADS, MINI_BATCH, REMAT_GROUP)
+                    medians = interleaved_medians(calls, args.repeats)
                     row = dict(seq=seq, inner=inner, mode=mode, devices=args.devices, reference_s=medians["reference"],
                                ttt_s=medians["ttt"], speedup=medians["reference"] / medians["ttt"])
+                    if "products" in medians:
+                        row.update(products_s=medians["products"], bound=medians["reference"] / medians["products"])
                     rows.append(row)
+                    products = f"{row['products_s'] * 1e3:12.1f} {row['bound']:5.2f}x" if "bound" in row else ""
                     print(f"{seq:6d} {inner:6} {mode:17} {row['reference_s'] * 1e3:13.1f} {row['ttt_s'] * 1e3:9.1f} "
-                          f"{row['speedup']:8.2f}x", flush=True)
+                          f"{row['speedup']:8.2f}x {products}", flush=True)
     print(f"smallest speed-up: {min(r['speedup'] for r in rows):.2f}x")
     result = dict(rows=rows, jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(),
                   load_average_end=os.getloadavg(), xla_flags=os.environ.get("XLA_FLAGS", ""),

@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 
+import matmul_floor  # noqa: E402
 import reference_speed  # noqa: E402
 import train_step  # noqa: E402
 import timing  # noqa: E402
@@ -144,6 +145,47 @@ def test_interleaved_medians_compile_each_call_once_then_take_turns():
     medians = timing.interleaved_medians({"ttt": (call("ttt"), ()), "matmul": (call("matmul"), ())}, repeats=3)
     assert order == ["ttt", "matmul"] * 4  # one compiling run each, then the repetitions alternate
     assert set(medians) == {"ttt", "matmul"} and all(t >= 0 for t in medians.values())
+
+
+def _product_flops(jaxpr) -> int:
+    """2 * M * N * K summed over the dot_generals a jaxpr runs, a scan's body counted once per step."""
+    import math
+
+    from jax.extend import core
+
+    flops = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            flops += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contracting)
+        steps = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for param in eqn.params.values():
+            if isinstance(param, (core.Jaxpr, core.ClosedJaxpr)):
+                flops += steps * _product_flops(param.jaxpr if isinstance(param, core.ClosedJaxpr) else param)
+    return flops
+
+
+@pytest.mark.parametrize("inner", ["linear", "mlp"])
+def test_products_alone_run_the_products_the_benchmarks_count_and_stay_finite(inner):
+    import jax
+    import jax.numpy as jnp
+
+    seq = 1024  # long enough for fast weights that diverge to show it (too large inputs did by token 80)
+    forward, args = matmul_floor.layer_products(inner, seq)
+    inner_lr = 2 * seq * ttt_layer.HIDDEN * ttt_layer.HEADS
+    expected = ttt_layer.projection_flops(seq) + inner_lr + ttt_layer.inner_flops(inner, seq)
+    assert _product_flops(jax.make_jaxpr(forward)(*args).jaxpr) == expected
+    # A floor: the layer itself runs at least these products (and a few more: the biases' updates, the state).
+    layer, layer_args = reference_speed.project_functions(inner, seq)
+    assert _product_flops(jax.make_jaxpr(layer["forward"])(*layer_args).jaxpr) >= expected
+    y = forward(*args)
+    assert y.shape == (1, seq, ttt_layer.HIDDEN) and bool(jnp.isfinite(y).all())
+
+
+def test_products_alone_refuse_a_length_the_groups_do_not_divide():
+    with pytest.raises(ValueError, match="seq 100"):
+        matmul_floor.layer_products("mlp", 100)
 
 
 def test_ttt_layer_refuses_devices_that_do_not_split_the_heads(capsys):
