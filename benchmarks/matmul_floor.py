@@ -17,22 +17,21 @@ The inputs are small enough that the fast weights stay finite over long sequence
 would time other code paths).
 """
 
-LINEAR_FEATURES, MLP_FEATURES = 1, 4  # the inner model's hidden width, in head dims (ttt/inner_models.py)
 
-
-def layer_products(inner: str, seq: int, hidden: int = 768, heads: int = 12, mini_batch: int = 16,
-                   group: int = 4):
-    """(jitted products-alone forward, its arguments) for `inner` ("linear" or "mlp") at `seq` tokens.
+def layer_products(inner: str, seq: int, hidden: int, heads: int, mini_batch: int, group: int):
+    """(jitted products-alone forward, its arguments) for `inner` ("linear" or "mlp") at `seq` tokens, with
+    the layer's hidden size, heads, mini-batch size and remat group size.
 
     `seq` must be a multiple of mini_batch * group; the forward maps x [1, seq, hidden] to [1, seq, hidden].
     """
     import jax
     import jax.numpy as jnp
 
+    from ttt.inner_models import LINEAR, MLP
+
     if seq % (mini_batch * group):
         raise ValueError(f"seq {seq}: expected a multiple of mini_batch * group = {mini_batch * group}")
     head_dim, num = hidden // heads, seq // mini_batch
-    width = head_dim * (MLP_FEATURES if inner == "mlp" else LINEAR_FEATURES)
     transpose = lambda a: jnp.swapaxes(a, -1, -2)
     keys = iter(jax.random.split(jax.random.key(0), 10))
     normal = lambda shape, scale: scale * jax.random.normal(next(keys), shape)
@@ -72,10 +71,9 @@ def layer_products(inner: str, seq: int, hidden: int = 768, heads: int = 12, min
     scale = hidden ** -0.5
     projections = {name: normal((hidden, hidden), scale) for name in ("qk", "v", "gate", "out")}
     projections["inner_lr"] = normal((hidden, heads), scale)
-    if inner == "linear":
-        fast_weights = {"W": normal((heads, head_dim, head_dim), head_dim ** -0.5)}
-    else:
-        fast_weights = {"W1": normal((heads, head_dim, width), head_dim ** -0.5),
-                        "W2": normal((heads, width, head_dim), width ** -0.5)}
+    # The inner model's weight matrices (its biases left out), per head, scaled by their fan-in.
+    shapes = (LINEAR if inner == "linear" else MLP).param_shapes(head_dim)
+    fast_weights = {name: normal((heads, *shape), shape[0] ** -0.5) for name, shape in shapes.items()
+                    if len(shape) == 2}
     x = normal((1, seq, hidden), 0.01)
     return jax.jit(forward), (x, projections, fast_weights)

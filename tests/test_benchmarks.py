@@ -172,7 +172,8 @@ def test_products_alone_run_the_products_the_benchmarks_count_and_stay_finite(in
     import jax.numpy as jnp
 
     seq = 1024  # long enough for fast weights that diverge to show it (too large inputs did by token 80)
-    forward, args = matmul_floor.layer_products(inner, seq)
+    shapes = (reference_speed.HIDDEN, reference_speed.HEADS, reference_speed.MINI_BATCH, reference_speed.REMAT_GROUP)
+    forward, args = matmul_floor.layer_products(inner, seq, *shapes)
     inner_lr = 2 * seq * ttt_layer.HIDDEN * ttt_layer.HEADS
     expected = ttt_layer.projection_flops(seq) + inner_lr + ttt_layer.inner_flops(inner, seq)
     assert _product_flops(jax.make_jaxpr(forward)(*args).jaxpr) == expected
@@ -185,7 +186,7 @@ def test_products_alone_run_the_products_the_benchmarks_count_and_stay_finite(in
 
 def test_products_alone_refuse_a_length_the_groups_do_not_divide():
     with pytest.raises(ValueError, match="seq 100"):
-        matmul_floor.layer_products("mlp", 100)
+        matmul_floor.layer_products("mlp", 100, hidden=768, heads=12, mini_batch=16, group=4)
 
 
 def test_ttt_layer_refuses_devices_that_do_not_split_the_heads(capsys):
